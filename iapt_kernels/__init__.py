@@ -1,0 +1,22 @@
+"""iapt_kernels: fused kernels for IAPT (Instruction-Aware Prompt Tuning).
+
+Public API:
+    rational, Rational, rational_init, attention_pool, PromptGenerator, available_backends
+
+Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
+``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
+:mod:`iapt_kernels.reference`. ``backend="auto"`` picks Triton for CUDA tensors and C++ for CPU ones.
+"""
+
+from . import library as _library  # noqa: F401  (registers the iapt:: torch.library ops)
+from . import reference
+from ._backend import available_backends
+from .fits import rational_init
+from .functional import attention_pool, rational
+from .modules import PromptGenerator, Rational
+
+__all__ = [
+    "rational", "Rational", "rational_init", "attention_pool", "PromptGenerator", "available_backends",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""Input checks shared by every backend, run before any kernel launches.
+
+Each check raises with a message that names the argument and what was expected, so a user sees the
+problem in their call rather than a failure deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_DEGREE = 8
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+
+
+def check_degrees(degrees: object) -> tuple[int, int]:
+    """`degrees` as an `(m, n)` pair of ints, each in 1..8."""
+    try:
+        m, n = degrees  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"degrees must be a pair (m, n), got {degrees!r}") from None
+    for label, d in (("numerator degree m", m), ("denominator degree n", n)):
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"{label} must be an int, got {d!r}")
+        if not 1 <= d <= MAX_DEGREE:
+            raise ValueError(f"{label} must be in 1..{MAX_DEGREE}, got {d}")
+    return m, n
+
+
+def check_version(version: object) -> None:
+    if version not in ("A", "B"):
+        raise ValueError(f'version must be "A" or "B", got {version!r}')
+
+
+def normalize_coefficients(
+    numerator: torch.Tensor, denominator: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(m+1,)` / `(n,)` coefficients as `(1, m+1)` / `(1, n)`; 2-D ones unchanged."""
+    num = numerator.unsqueeze(0) if numerator.dim() == 1 else numerator
+    den = denominator.unsqueeze(0) if denominator.dim() == 1 else denominator
+    return num, den
+
+
+def check_rational_inputs(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, version: str
+) -> int:
+    """Validate a rational-activation call; return the number of groups."""
+    check_float_tensor("x", x)
+    check_float_tensor("numerator", numerator)
+    check_float_tensor("denominator", denominator)
+    check_version(version)
+    for name, t in (("numerator", numerator), ("denominator", denominator)):
+        if t.dim() not in (1, 2):
+            raise ValueError(f"{name} must be (G, k) or (k,), got shape {tuple(t.shape)}")
+    num, den = normalize_coefficients(numerator, denominator)
+    m, n = num.shape[1] - 1, den.shape[1]
+    if not 1 <= m <= MAX_DEGREE:
+        raise ValueError(
+            f"numerator has {num.shape[1]} coefficients, i.e. degree m={m}; m must be in 1..{MAX_DEGREE} "
+            f"(numerator shape (G, m+1))"
+        )
+    if not 1 <= n <= MAX_DEGREE:
+        raise ValueError(
+            f"denominator has {n} coefficients, i.e. degree n={n}; n must be in 1..{MAX_DEGREE} "
+            f"(denominator shape (G, n))"
+        )
+    if num.shape[0] != den.shape[0]:
+        raise ValueError(
+            f"numerator has {num.shape[0]} groups but denominator has {den.shape[0]} "
+            f"(shapes {tuple(numerator.shape)} and {tuple(denominator.shape)})"
+        )
+    groups = num.shape[0]
+    if groups < 1:
+        raise ValueError("coefficients must have at least one group")
+    last = x.shape[-1] if x.dim() > 0 else 1
+    if last % groups != 0:
+        raise ValueError(
+            f"groups={groups} must divide the last dimension of x, got x of shape {tuple(x.shape)}"
+        )
+    check_same_device(x=x, numerator=numerator, denominator=denominator)
+    return groups
+
+
+def check_attention_pool_inputs(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    pool_weight: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[int, int, int, int]:
+    """Validate an attention-pool call; return `(B, d, r, L)`."""
+    check_float_tensor("hidden_states", hidden_states)
+    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("pool_weight", pool_weight)):
+        check_float_tensor(name, t)
+        if t.dtype != hidden_states.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but hidden_states has {hidden_states.dtype}; "
+                "cast the weights or the input so they match"
+            )
+    if down_weight.dim() != 2:
+        raise ValueError(f"down_weight must be (r, d), got shape {tuple(down_weight.shape)}")
+    r, d = down_weight.shape
+    if r == 0 or d == 0:
+        raise ValueError(f"down_weight must be (r, d) with r, d >= 1, got shape {tuple(down_weight.shape)}")
+    if down_bias.shape != (r,):
+        raise ValueError(f"down_bias must be (r,) = ({r},) to match down_weight, got {tuple(down_bias.shape)}")
+    if pool_weight.dim() != 2 or pool_weight.shape[1] != r:
+        raise ValueError(f"pool_weight must be (L, r) with r={r}, got shape {tuple(pool_weight.shape)}")
+    L = pool_weight.shape[0]
+    if L == 0:
+        raise ValueError("pool_weight has L=0 rows: at least one soft token is needed")
+    tensors = dict(hidden_states=hidden_states, down_weight=down_weight, down_bias=down_bias,
+                   pool_weight=pool_weight)
+    if cu_seqlens is None:
+        if hidden_states.dim() != 3:
+            raise ValueError(
+                f"hidden_states must be (B, S, d) with a mask, or (N, d) with cu_seqlens; got shape "
+                f"{tuple(hidden_states.shape)} and no cu_seqlens"
+            )
+        B, S, dh = hidden_states.shape
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError("mask must be a (B, S) bool tensor when cu_seqlens is not given")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = instruction token), got {mask.dtype}")
+        if mask.shape != (B, S):
+            raise ValueError(f"mask must be (B, S) = ({B}, {S}) to match hidden_states, got {tuple(mask.shape)}")
+        tensors["mask"] = mask
+    else:
+        if mask is not None:
+            raise ValueError("pass either mask (padded layout) or cu_seqlens (packed layout), not both")
+        if hidden_states.dim() != 2:
+            raise ValueError(f"with cu_seqlens, hidden_states must be packed (N, d), got {tuple(hidden_states.shape)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+            got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"cu_seqlens must be an int32 tensor, got {got}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be (B+1,) with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+        tensors["cu_seqlens"] = cu_seqlens
+        B = cu_seqlens.numel() - 1
+        dh = hidden_states.shape[1]
+    check_same_device(**tensors)
+    if dh != d:
+        raise ValueError(
+            f"hidden_states has hidden size d={dh} but down_weight is (r, d) = {tuple(down_weight.shape)}"
+        )
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        if bounds[-1] != hidden_states.shape[0]:
+            raise ValueError(
+                f"cu_seqlens must end at N = hidden_states.shape[0] = {hidden_states.shape[0]}, got {bounds[-1]}"
+            )
+    return B, d, r, L

@@ -1,0 +1,91 @@
+"""Public functional API: validate once, pick the backend, run."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from ._validate import check_attention_pool_inputs, check_rational_inputs
+from .ops.attention_pool import MAX_TOKENS, AttentionPoolFunction
+from .ops.rational import RationalFunction
+from .reference import attention_pool as _reference_attention_pool
+from .reference import rational as _reference_rational
+
+__all__ = ["rational", "attention_pool"]
+
+
+def rational(
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    *,
+    version: str = "B",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Learned rational activation ``R(x) = P(x) / Q(x)`` (DESIGN.md section 2).
+
+    Args:
+        x: input of any shape, float16 / bfloat16 / float32 / float64.
+        numerator: ``(G, m+1)`` or ``(m+1,)`` coefficients ``a_0..a_m``, ``m`` in 1..8.
+        denominator: ``(G, n)`` or ``(n,)`` coefficients ``b_1..b_n``, ``n`` in 1..8.
+            ``G`` groups split the last dimension of ``x`` into equal contiguous chunks.
+        version: ``"B"``: ``Q = 1 + |sum_k b_k x^k|``; ``"A"``: ``Q = 1 + sum_k |b_k||x|^k``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else reference), ``"triton"``,
+            ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``R(x)`` with the shape and dtype of ``x``, differentiable in ``x``, ``numerator`` and
+        ``denominator``. Kernels compute in float32 (float64 for float64 ``x``); coefficient
+        gradients come back in the coefficients' dtype.
+    """
+    check_rational_inputs(x, numerator, denominator, version)
+    which = _backend.resolve_backend(backend, x.device)
+    if which == "reference":
+        return _reference_rational(x, numerator, denominator, version=version)
+    return RationalFunction.apply(x, numerator, denominator, version, which)
+
+
+def attention_pool(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    pool_weight: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Self-attention pooling of instruction tokens into ``L`` bottleneck vectors (DESIGN.md section 1).
+
+    ``U = A^T (H Wd^T + bd)`` with ``A = softmax over S of ((H Wd^T + bd) Wp^T)``, restricted to
+    instruction tokens. The fused backends never form ``H Wd^T`` (section 3).
+
+    Args:
+        hidden_states: padded ``(B, S, d)`` with ``mask``, or packed ``(N, d)`` (instruction tokens
+            only, sequences back to back) with ``cu_seqlens``.
+        mask: ``(B, S)`` bool, True at instruction tokens; ``None`` with ``cu_seqlens``. Masked
+            positions never influence the result, even if they hold NaN or Inf.
+        down_weight: ``Wd (r, d)``. down_bias: ``bd (r,)``. pool_weight: ``Wp (L, r)``. Same dtype
+            and device as ``hidden_states``.
+        cu_seqlens: ``(B+1,)`` int32 offsets of the packed sequences: starts at 0, non-decreasing,
+            ends at ``N``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``U (B, L, r)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and the
+        three weights. A sequence with no instruction token gives ``U = 0``.
+    """
+    B, d, r, L = check_attention_pool_inputs(hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens)
+    which = _backend.resolve_backend(backend, hidden_states.device)
+    if which == "reference":
+        return _reference_attention_pool(
+            hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens=cu_seqlens)
+    if L > MAX_TOKENS:
+        raise ValueError(f"the fused attention_pool supports up to {MAX_TOKENS} soft tokens, got L={L}")
+    if cu_seqlens is not None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    else:
+        max_seqlen = hidden_states.shape[1]
+    u, *_ = AttentionPoolFunction.apply(
+        hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, which)
+    return u

@@ -1,0 +1,6 @@
+"""Drop-in ``nn.Module``s on the fused kernels, interchangeable with :mod:`iapt_kernels.reference`."""
+
+from .generator import PromptGenerator
+from .rational import Rational
+
+__all__ = ["Rational", "PromptGenerator"]

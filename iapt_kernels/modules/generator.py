@@ -1,0 +1,36 @@
+"""Drop-in soft-prompt generator on the fused kernels: same constructor, parameter names and
+state_dict as `iapt_kernels.reference.PromptGenerator`."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..functional import attention_pool
+from ..reference.generator import PromptGenerator as _ReferencePromptGenerator
+from .rational import Rational
+
+__all__ = ["PromptGenerator"]
+
+
+class PromptGenerator(_ReferencePromptGenerator):
+    """IAPT soft-prompt generator on the fused kernels (DESIGN.md sections 1 and 3).
+
+    Composes :func:`iapt_kernels.attention_pool` (never forms the ``(B, S, r)`` down-projection),
+    :class:`iapt_kernels.Rational` and the up-projection. Constructor, parameters and state_dict are
+    those of :class:`iapt_kernels.reference.PromptGenerator`; ``backend`` is ``"auto"``,
+    ``"triton"``, ``"cpp"`` or ``"reference"``.
+    """
+
+    _activation_cls = Rational
+
+    @staticmethod
+    def _check_backend(backend: str) -> str:
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        return backend
+
+    def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return attention_pool(hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight,
+                              cu_seqlens=cu_seqlens, backend=self.backend)

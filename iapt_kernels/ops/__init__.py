@@ -1,0 +1,1 @@
+"""Triton kernels, their host launchers and autograd Functions, one file per op."""

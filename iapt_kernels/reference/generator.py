@@ -1,0 +1,85 @@
+"""Reference IAPT soft-prompt generator (DESIGN.md section 1), in the naive order:
+
+    H' = H Wd^T + bd,  A = masked softmax_S(H' Wp^T),  U = A^T H',  G = R(U),  P = G Wu^T + bu
+
+one module per decoder layer, producing the `L` soft prompts `P (B, L, d)` of that layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_pool import attention_pool
+from .rational import Rational
+
+__all__ = ["PromptGenerator"]
+
+
+class PromptGenerator(nn.Module):
+    """Soft-prompt generator: down-projection, attention pooling to ``num_tokens`` soft tokens, a
+    learned rational activation, up-projection (reference implementation).
+
+    Args:
+        hidden_size: ``d``, the backbone's hidden size.
+        bottleneck_size: ``r``, the bottleneck width.
+        num_tokens: ``L``, soft tokens per layer (4 in the paper).
+        degrees, activation_init, version: of the rational activation (see :class:`Rational`).
+        backend: accepted for signature parity with :class:`iapt_kernels.PromptGenerator`; must be
+            ``"auto"`` or ``"reference"`` here.
+
+    Parameters (``nn.Linear`` conventions): ``down.weight (r, d)``, ``down.bias (r)``,
+    ``pool.weight (L, r)``, ``act.numerator (1, m+1)``, ``act.denominator (1, n)``,
+    ``up.weight (d, r)``, ``up.bias (d)``. ``down`` and ``pool`` keep ``nn.Linear``'s default
+    initialisation (pooling starts near a mean over the instruction), ``up`` starts small
+    (``N(0, 0.02^2)``, zero bias), so a fresh generator gives small, finite prompts.
+    """
+
+    _activation_cls = Rational
+
+    def __init__(
+        self,
+        hidden_size: int,
+        bottleneck_size: int,
+        num_tokens: int = 4,
+        degrees: tuple[int, int] = (5, 4),
+        activation_init: str = "gelu",
+        version: str = "B",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("bottleneck_size", bottleneck_size),
+                            ("num_tokens", num_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.hidden_size, self.bottleneck_size, self.num_tokens = hidden_size, bottleneck_size, num_tokens
+        self.backend = self._check_backend(backend)
+        self.down = nn.Linear(hidden_size, bottleneck_size)
+        self.pool = nn.Linear(bottleneck_size, num_tokens, bias=False)
+        self.act = self._activation_cls(degrees, activation_init, version, backend=self.backend)
+        self.up = nn.Linear(bottleneck_size, hidden_size)
+        nn.init.normal_(self.up.weight, std=0.02)
+        nn.init.zeros_(self.up.bias)
+
+    @staticmethod
+    def _check_backend(backend: str) -> str:
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"reference.PromptGenerator runs only the reference backend, got backend={backend!r}")
+        return "reference"
+
+    def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``U (B, L, r)``: the pooled bottleneck features, before the activation."""
+        return attention_pool(hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight,
+                              cu_seqlens=cu_seqlens)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts ``P (B, L, d)`` from hidden states ``(B, S, d)`` and an instruction mask ``(B, S)``,
+        or from packed ``(N, d)`` instruction tokens with ``cu_seqlens``."""
+        return F.linear(self.act(self.pooled(hidden_states, mask, cu_seqlens)), self.up.weight, self.up.bias)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
+                f"num_tokens={self.num_tokens}, backend={self.backend!r}")

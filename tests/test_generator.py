@@ -1,0 +1,346 @@
+"""Attention pooling and the prompt generator: parity of P and every gradient against the float64
+reference, masks that must not leak, empty instructions, packed = padded, determinism, bad input,
+memory (no (B, S, r) tensor, bytes saved for backward)."""
+
+import itertools
+import zlib
+
+import pytest
+import torch
+from helpers import TOLERANCE, rel_err
+
+import iapt_kernels
+from iapt_kernels import reference
+
+BACKENDS = iapt_kernels.available_backends()
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+MASK_KINDS = ("random", "all_true", "empty_rows", "left_padded", "right_padded")
+SHAPES = list(itertools.product([1, 3], [1, 7, 129], [16, 80, 257], [8, 48], [1, 4, 5]))  # B, S, d, r, L
+
+
+def pairwise_subset(cases):
+    """A subset of `cases` in which every pair of values of any two parameters still appears
+    (greedy covering): the reduced-precision runs check dtype handling, the full grid runs in fp32."""
+    def pairs(c):
+        return {(i, c[i], j, c[j]) for i, j in itertools.combinations(range(len(c)), 2)}
+
+    todo = set().union(*map(pairs, cases))
+    chosen = []
+    while todo:
+        best = max(cases, key=lambda c: len(pairs(c) & todo))
+        chosen.append(best)
+        todo -= pairs(best)
+    return chosen
+
+
+PARAMS = ("down.weight", "down.bias", "pool.weight", "act.numerator", "act.denominator", "up.weight", "up.bias")
+
+
+def _seed(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_mask(kind, B, S, gen):
+    if kind == "all_true":
+        return torch.ones(B, S, dtype=torch.bool)
+    lengths = torch.randint(0, S + 1, (B,), generator=gen)
+    if kind == "random":
+        mask = torch.rand(B, S, generator=gen) < 0.6
+        mask[0, 0] = True  # at least one token somewhere
+        return mask
+    if kind == "empty_rows":
+        mask = torch.rand(B, S, generator=gen) < 0.7
+        mask[0] = False  # row 0 is an empty instruction
+        return mask
+    pos = torch.arange(S)[None, :]
+    if kind == "right_padded":
+        return pos < lengths[:, None]
+    return pos >= S - lengths[:, None]  # left padded
+
+
+def make_generators(B, S, d, r, L, dtype, backend, gen):
+    """A fused generator in `dtype` and a float64 reference generator holding the same weights."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    fused = iapt_kernels.PromptGenerator(d, r, num_tokens=L, backend=backend)
+    with torch.no_grad():  # a non-trivial up-projection and activation, so every gradient is exercised
+        # Positive up-weights (with the positive upstream gradients below) keep the activation's
+        # coefficient gradients, sums over B*L*r terms, free of catastrophic cancellation: with
+        # zero-mean weights any fp32 implementation, the fp32 reference included, misses 1e-5 there.
+        fused.up.weight.uniform_(0.05, 0.35)
+        fused.up.bias.normal_(0, 0.1)
+        fused.act.numerator.add_(torch.randn_like(fused.act.numerator) * 0.05)
+        fused.act.denominator.add_(torch.randn_like(fused.act.denominator) * 0.05)
+    fused = fused.to(dtype)
+    ref = reference.PromptGenerator(d, r, num_tokens=L).double()
+    ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    return fused, ref
+
+
+def run_generator(module, h, mask, grad, cu_seqlens=None):
+    module.zero_grad(set_to_none=True)
+    h = h.detach().clone().requires_grad_()
+    p = module(h, mask, cu_seqlens=cu_seqlens)
+    p.backward(grad)
+    params = dict(module.named_parameters())
+    return {"P": p, "hidden_states": h.grad, **{name: params[name].grad for name in PARAMS}}
+
+
+def check_parity(out, ref, tol, context):
+    for key, r in ref.items():
+        o = out[key]
+        assert o is not None, f"{key}: no gradient ({context})"
+        assert o.shape == r.shape, f"{key}: shape {tuple(o.shape)} != {tuple(r.shape)} ({context})"
+        err = rel_err(o, r)
+        assert err < tol, f"{key}: rel err {err:.3g} >= {tol} ({context})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_generator_parity_with_float64_reference(backend, dtype):
+    tol = TOLERANCE[dtype]
+    shapes = SHAPES if dtype == torch.float32 else pairwise_subset(SHAPES)
+    for i, (B, S, d, r, L) in enumerate(shapes):
+        kind = MASK_KINDS[i % len(MASK_KINDS)]
+        gen = _seed(B, S, d, r, L, kind)
+        mask = make_mask(kind, B, S, gen)
+        fused, ref = make_generators(B, S, d, r, L, dtype, backend, gen)
+        h = torch.randn(B, S, d, generator=gen).to(dtype)
+        h[~mask] = float("nan")  # masked positions must never leak
+        grad = (torch.rand(B, L, d, generator=gen) + 0.5).to(dtype)
+        out = run_generator(fused, h, mask, grad)
+        expect = run_generator(ref, h.double(), mask, grad.double())
+        check_parity(out, expect, tol, f"B={B} S={S} d={d} r={r} L={L} mask={kind}")
+        assert torch.all(out["hidden_states"][~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_mask_kind_at_a_prime_length(backend):
+    B, S, d, r, L = 3, 31, 80, 48, 4
+    for kind in MASK_KINDS:
+        gen = _seed("kinds", kind)
+        mask = make_mask(kind, B, S, gen)
+        fused, ref = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+        h = torch.randn(B, S, d, generator=gen)
+        grad = torch.rand(B, L, d, generator=gen) + 0.5
+        check_parity(run_generator(fused, h, mask, grad), run_generator(ref, h.double(), mask, grad.double()),
+                     1e-5, kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_layout_equals_padded(backend):
+    B, S, d, r, L = 3, 29, 80, 48, 4
+    gen = _seed("packed")
+    mask = make_mask("random", B, S, gen)
+    mask[1] = False  # an empty sequence in the middle
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    h = torch.randn(B, S, d, generator=gen)
+    grad = torch.rand(B, L, d, generator=gen) + 0.5
+    padded = run_generator(fused, h, mask, grad)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = mask.sum(1).cumsum(0)
+    packed = run_generator(fused, h[mask], None, grad, cu_seqlens=cu)
+    assert rel_err(packed["hidden_states"], padded["hidden_states"][mask]) < 1e-6
+    for key in ["P", *PARAMS]:
+        assert rel_err(packed[key], padded[key]) < 1e-6, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_masked_positions_never_influence_anything(backend, poison):
+    B, S, d, r, L = 3, 17, 80, 8, 4
+    gen = _seed("poison")
+    mask = make_mask("random", B, S, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    h = torch.randn(B, S, d, generator=gen)
+    grad = torch.rand(B, L, d, generator=gen) + 0.5
+    clean = run_generator(fused, torch.where(mask[..., None], h, 0.0), mask, grad)
+    dirty = run_generator(fused, torch.where(mask[..., None], h, poison), mask, grad)
+    for key in clean:
+        assert torch.equal(clean[key], dirty[key]), key
+    assert torch.all(dirty["hidden_states"][~mask] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_instruction_pools_to_zero(backend):
+    B, S, d, r, L = 2, 9, 16, 8, 4
+    gen = _seed("empty")
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    h = torch.full((B, S, d), float("nan"))
+    u = iapt_kernels.attention_pool(h, mask, fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
+    assert torch.equal(u, torch.zeros(B, L, r))
+    out = run_generator(fused, h, mask, torch.ones(B, L, d))
+    for key, value in out.items():
+        assert torch.isfinite(value).all(), key
+    assert torch.equal(out["hidden_states"], torch.zeros(B, S, d))
+    # S = 0: no tokens at all
+    u0 = iapt_kernels.attention_pool(torch.zeros(B, 0, d), torch.zeros(B, 0, dtype=torch.bool),
+                                     fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
+    assert torch.equal(u0, torch.zeros(B, L, r))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_is_bitwise_deterministic(backend):
+    B, S, d, r, L = 3, 40, 80, 48, 4
+    gen = _seed("det")
+    mask = make_mask("random", B, S, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    h = torch.randn(B, S, d, generator=gen)
+    grad = torch.randn(B, L, d, generator=gen)
+    first, second = run_generator(fused, h, mask, grad), run_generator(fused, h, mask, grad)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    gen = _seed("gradcheck")
+    B, S, d, r, L = 2, 5, 6, 3, 2
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    h = torch.randn(B, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(r, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    bd = torch.randn(r, generator=gen, dtype=torch.float64, requires_grad=True)
+    wp = torch.randn(L, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    fn = lambda h_, a, b, c: iapt_kernels.attention_pool(h_, mask, a, b, c, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, wd, bd, wp))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _args(B=2, S=5, d=8, r=4, L=3, dtype=torch.float32):
+    return (torch.randn(B, S, d, dtype=dtype), torch.ones(B, S, dtype=torch.bool),
+            torch.randn(r, d, dtype=dtype), torch.randn(r, dtype=dtype), torch.randn(L, r, dtype=dtype))
+
+
+def _packed_args():
+    h, _, wd, bd, wp = _args()
+    return torch.randn(7, 8), wd, bd, wp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_padded(backend):
+    h, mask, wd, bd, wp = _args()
+    call = lambda *a, **k: iapt_kernels.attention_pool(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"mask must be \(B, S\)"):
+        call(h, mask[:, :4], wd, bd, wp)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        call(h, mask.float(), wd, bd, wp)
+    with pytest.raises(ValueError, match="hidden size d=8"):
+        call(h, mask, torch.randn(4, 9), bd, wp)
+    with pytest.raises(ValueError, match=r"down_bias must be \(r,\)"):
+        call(h, mask, wd, torch.randn(5), wp)
+    with pytest.raises(ValueError, match=r"pool_weight must be \(L, r\) with r=4"):
+        call(h, mask, wd, bd, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="L=0"):
+        call(h, mask, wd, bd, torch.randn(0, 4))
+    with pytest.raises(ValueError, match="r, d >= 1"):
+        call(h, mask, torch.randn(0, 8), torch.randn(0), torch.randn(3, 0))
+    with pytest.raises(TypeError, match="down_weight has dtype torch.float64"):
+        call(h, mask, wd.double(), bd, wp)
+    with pytest.raises(ValueError, match="same device"):
+        call(h, mask.to("meta"), wd, bd, wp)
+    with pytest.raises(TypeError, match="hidden_states must be a floating tensor"):
+        call(h.long(), mask, wd, bd, wp)
+    with pytest.raises(ValueError, match=r"\(B, S, d\) with a mask"):
+        call(h[0], mask, wd, bd, wp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_packed(backend):
+    h, wd, bd, wp = _packed_args()
+    call = lambda cu, **k: iapt_kernels.attention_pool(h, None, wd, bd, wp, cu_seqlens=cu, backend=backend, **k)  # noqa: E731
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor"):
+        call(torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="must start at 0"):
+        call(torch.tensor([1, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(torch.tensor([0, 4, 3, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="must end at N"):
+        call(torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="not both"):
+        iapt_kernels.attention_pool(h, torch.ones(1, 7, dtype=torch.bool), wd, bd, wp,
+                                    cu_seqlens=torch.tensor([0, 7], dtype=torch.int32), backend=backend)
+
+
+def test_generator_constructor_errors():
+    for cls in (iapt_kernels.PromptGenerator, reference.PromptGenerator):
+        with pytest.raises(ValueError, match="num_tokens"):
+            cls(16, 8, num_tokens=0)
+        with pytest.raises(ValueError, match="bottleneck_size"):
+            cls(16, 0)
+    with pytest.raises(ValueError, match="backend"):
+        iapt_kernels.PromptGenerator(16, 8, backend="gpu")
+
+
+# --------------------------------------------------------------------------- modules and memory
+
+
+def test_state_dicts_interchange_and_fresh_prompts_are_small():
+    fused = iapt_kernels.PromptGenerator(64, 16)
+    ref = reference.PromptGenerator(64, 16)
+    assert list(fused.state_dict()) == list(ref.state_dict()) == list(PARAMS)
+    fused.load_state_dict(ref.state_dict())
+    ref.load_state_dict(fused.state_dict())
+    h, mask = torch.randn(2, 10, 64), torch.ones(2, 10, dtype=torch.bool)
+    p = fused(h, mask)
+    assert p.shape == (2, 4, 64) and torch.isfinite(p).all()
+    assert p.abs().max() < 1.0  # small next to the O(1) hidden states they replace
+    assert rel_err(p, ref.double()(h.double(), mask)) < 1e-5
+
+
+def _allocation_sizes(fn):
+    """Byte sizes of every CPU allocation (from C++ or Python) made while `fn` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return {e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_path_never_allocates_a_b_s_r_tensor(backend):
+    B, S, d, r, L = 2, 48, 24, 40, 4  # sizes chosen so B*S*r matches no other tensor's size
+    gen = _seed("alloc")
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    h = torch.randn(B, S, d, generator=gen, requires_grad=True)
+    mask = make_mask("random", B, S, gen)
+    forbidden = B * S * r * 4
+    sizes = _allocation_sizes(lambda: fused(h, mask).sum().backward())
+    if backend == "reference":
+        assert forbidden in sizes  # the naive order does form H Wd^T: the probe can see it
+    else:
+        assert forbidden not in sizes, sorted(sizes)
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while `fn` runs: `(all, excluding the caller's tensors)`.
+
+    The second figure leaves out storages that belong to the inputs and parameters, which stay
+    alive whatever the op saves; it is the memory the op adds."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inputs = fn()
+    owned = {t.untyped_storage().data_ptr() for t in inputs}
+    total = sum(n for n, _ in storages.values())
+    added = sum(n for ptr, (n, _) in storages.items() if ptr not in owned)
+    return total, added
+
+
+def test_bytes_saved_for_backward_at_most_a_quarter_of_reference():
+    B, S, d, r, L = 8, 512, 2048, 256, 4
+    h = torch.randn(B, S, d, requires_grad=True)
+    mask = torch.rand(B, S) < 0.8
+    results = {}
+    for name, module in (("fused", iapt_kernels.PromptGenerator(d, r, L)), ("reference", reference.PromptGenerator(d, r, L))):
+        def run(module=module):
+            module(h, mask)
+            return [h, *module.parameters()]
+        results[name] = saved_bytes(run)
+    fused_total, fused_added = results["fused"]
+    ref_total, ref_added = results["reference"]
+    assert fused_added * 4 <= ref_added, results
+    assert fused_total < ref_total, results
