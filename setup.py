@@ -29,8 +29,14 @@ else:
                 try:
                     super().build_extension(ext)
                 except Exception as exc:  # noqa: BLE001
+                    ext.iapt_failed = True
                     print(f"iapt_kernels: C++ extension not built ({exc}); CPU falls back to the reference",
                           file=sys.stderr)
+
+            def build_extensions(self):
+                super().build_extensions()
+                # Later steps (the editable install's copy) must not look for what was not built.
+                self.extensions = [e for e in self.extensions if not getattr(e, "iapt_failed", False)]
 
         # -fopenmp matters: without it at::parallel_for compiles to a serial loop.
         ext_modules = [

@@ -1,6 +1,6 @@
 """Static GPU report: compile every Triton kernel ahead of time, with no GPU, and read the cubin.
 
-    python benchmarks/static_report.py --arch 80 90 --json report.json [--quick] [--jobs 2]
+    python benchmarks/static_report.py --arch 80 90 --json report.json [--scope all|quick|sample] [--jobs 2]
 
 For each kernel at each configuration its launcher can use (`launch_configs()` in each `ops/` module),
 compile for the requested architectures through `triton.compile` (no driver needed), then read
@@ -30,16 +30,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "HMMA", "HGMMA", "RED", "ATOM", "ATOMS", "BAR")
 
 
-def _configs(quick: bool):
-    """Every launch configuration of every op; `quick` keeps the rational degrees at four corners."""
+def _configs(scope: str):
+    """Launch configurations of every op. `scope`: "all" (every config a launcher can use), "quick"
+    (rational degrees at four corners only), "sample" (a few representative configs, for the test)."""
     from iapt_kernels.ops import attention_pool, rational
 
     corners = {(1, 1), (3, 2), (5, 4), (8, 8)}
-    for spec in rational.launch_configs():
-        if quick and tuple(spec["config"]["degrees"]) not in corners:
+    for spec in [*rational.launch_configs(), *attention_pool.launch_configs()]:
+        cfg = spec["config"]
+        if scope == "quick" and "degrees" in cfg and tuple(cfg["degrees"]) not in corners:
             continue
+        if scope == "sample":
+            if cfg["dtype"] not in ("fp32", "bf16"):
+                continue
+            if "degrees" in cfg and (tuple(cfg["degrees"]) not in {(5, 4), (8, 8)} or cfg["grouped"]):
+                continue
+            if "L_PAD" in cfg and (cfg["L_PAD"] not in (4, 64) or cfg["packed"]):
+                continue
         yield spec
-    yield from attention_pool.launch_configs()
 
 
 def _cuobjdump() -> str:
@@ -65,12 +73,12 @@ def count_instructions(sass: str) -> dict[str, int]:
 
 
 def compile_one(args):
-    spec_index, arch, quick = args
+    spec_index, arch, scope = args
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = list(_configs(quick))[spec_index]
+    spec = list(_configs(scope))[spec_index]
     fn = spec["kernel"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -100,9 +108,9 @@ def compile_one(args):
     }
 
 
-def build_report(archs, quick=False, jobs=2, progress=True):
-    n = len(list(_configs(quick)))
-    work = [(i, arch, quick) for arch in archs for i in range(n)]
+def build_report(archs, scope="all", jobs=2, progress=True):
+    n = len(list(_configs(scope)))
+    work = [(i, arch, scope) for arch in archs for i in range(n)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         results = pool.map(compile_one, work, chunksize=8)
         if progress:
@@ -113,18 +121,23 @@ def build_report(archs, quick=False, jobs=2, progress=True):
 
 
 def summarize(records) -> str:
-    lines = ["kernel                  arch  configs  max regs  spills  max smem  LDG.128/STG.128 (fp32,bf16 G=1)  RED+ATOM"]
+    """One line per kernel and arch: configs, worst registers/spills/shared memory, how many of the
+    16-byte-aligned fp32/bf16 configs use 128-bit loads and stores, and float atomics anywhere."""
+    head = f"{'kernel':<36}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}" \
+           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}"
+    lines = [head]
     groups = {}
     for r in records:
         groups.setdefault((r["kernel"], r["arch"]), []).append(r)
     for (kernel, arch), rs in sorted(groups.items()):
         wide = [r for r in rs if r["config"].get("dtype") in ("fp32", "bf16") and not r["config"].get("grouped")]
-        wide_ok = all(r["instructions"]["LDG.E.128"] > 0 and r["instructions"]["STG.E.128"] > 0 for r in wide)
+        ldg = sum(r["instructions"]["LDG.E.128"] > 0 for r in wide)
+        stg = sum(r["instructions"]["STG.E.128"] > 0 for r in wide)
         lines.append(
-            f"{kernel:<24}{arch:>4}{len(rs):>9}{max(r['registers'] for r in rs):>10}"
-            f"{sum(r['spill_bytes'] for r in rs):>8}{max(r['shared_bytes'] for r in rs):>10}"
-            f"{'all wide' if wide_ok else 'NOT all wide':>33}"
-            f"{sum(r['instructions']['RED'] + r['instructions']['ATOM'] for r in rs):>10}"
+            f"{kernel:<36}{arch:>5}{len(rs):>8}{max(r['registers'] for r in rs):>9}"
+            f"{sum(r['spill_bytes'] for r in rs):>8}{max(r['shared_bytes'] for r in rs):>9}"
+            f"{f'{ldg}/{len(wide)}':>9}{f'{stg}/{len(wide)}':>9}"
+            f"{sum(r['instructions']['RED'] + r['instructions']['ATOM'] for r in rs):>9}"
         )
     return "\n".join(lines)
 
@@ -133,11 +146,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--json", metavar="PATH", help="write the records here")
-    p.add_argument("--quick", action="store_true", help="only degrees (1,1), (3,2), (5,4), (8,8)")
+    p.add_argument("--scope", choices=["all", "quick", "sample"], default="all",
+                   help="all: every config (default); quick: rational degrees (1,1), (3,2), (5,4), (8,8) only; "
+                        "sample: a few representative configs")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    records = build_report(args.arch, args.quick, args.jobs)
+    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -124,7 +124,7 @@ def test_identity_init_learns_denominator(backend, version):
     num, den = iapt_kernels.rational_init("identity", (5, 4), version)
     num, den = num.float().requires_grad_(), den.float().requires_grad_()
     assert torch.count_nonzero(den) == 0
-    x = torch.linspace(-2, 2, 101)
+    x = torch.linspace(-1, 2, 101)  # asymmetric: on a symmetric grid the odd moments cancel exactly
     y = iapt_kernels.rational(x, num, den, version=version, backend=backend)
     assert torch.equal(y, x)  # exact identity
     y.pow(2).sum().backward()
@@ -281,14 +281,14 @@ def test_module_matches_reference_module_and_state_dicts_interchange(backend):
     ref = reference.Rational(degrees=(5, 4), init="gelu", version="B", groups=2)
     assert [n for n, _ in fused.named_parameters()] == ["numerator", "denominator"]
     assert fused.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(3, 10)
+    assert (fused(x) - torch.nn.functional.gelu(x)).abs().max() < 5e-3  # the gelu init is a gelu
     with torch.no_grad():
         ref.numerator.add_(torch.randn_like(ref.numerator) * 0.1)
     fused.load_state_dict(ref.state_dict())
     ref.load_state_dict(fused.state_dict())
-    x = torch.randn(3, 10)
+    assert torch.equal(fused.numerator, ref.numerator)
     assert rel_err(fused(x), ref(x.double())) < 1e-5
-    # gelu init approximates gelu
-    assert (fused(x) - torch.nn.functional.gelu(x)).abs().max() < 5e-2
 
 
 def test_module_rejects_mismatched_state_dict():

@@ -1,0 +1,18 @@
+// The Python module iapt_kernels._C: the CPU kernels of csrc/, GIL released while they run
+// (they parallelise with at::parallel_for and touch no Python object).
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "iapt_kernels C++ CPU kernels";
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("rational_fwd", &iapt::rational_fwd, "Rational activation forward", py::arg("x"),
+        py::arg("numerator"), py::arg("denominator"), py::arg("version_b"), nogil);
+  m.def("rational_bwd", &iapt::rational_bwd, "Rational activation backward", py::arg("grad"), py::arg("x"),
+        py::arg("numerator"), py::arg("denominator"), py::arg("version_b"), nogil);
+  m.def("attention_pool_fwd", &iapt::attention_pool_fwd, "Attention pooling forward", py::arg("h"),
+        py::arg("mask"), py::arg("cu_seqlens"), py::arg("down_weight"), py::arg("down_bias"),
+        py::arg("pool_weight"), py::arg("max_seqlen"), nogil);
+  m.def("attention_pool_bwd", &iapt::attention_pool_bwd, "Attention pooling backward", py::arg("grad_u"),
+        py::arg("h"), py::arg("mask"), py::arg("cu_seqlens"), py::arg("down_weight"), py::arg("pool_weight"),
+        py::arg("a"), py::arg("z"), py::arg("n"), py::arg("max_seqlen"), nogil);
+}
