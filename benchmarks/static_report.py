@@ -1,6 +1,7 @@
 """Static GPU report: compile every Triton kernel ahead of time, with no GPU, and read the cubin.
 
     python benchmarks/static_report.py --arch 80 90 --json report.json [--scope all|quick|sample] [--jobs 2]
+        [--ops rational attention_pool multi_tenant_generator]
 
 For each kernel at each configuration its launcher can use (`launch_configs()` in each `ops/` module),
 compile for the requested architectures through `triton.compile` (no driver needed), then read
@@ -30,13 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "HMMA", "HGMMA", "RED", "ATOM", "ATOMS", "BAR")
 
 
-def _configs(scope: str):
-    """Launch configurations of every op. `scope`: "all" (every config a launcher can use), "quick"
-    (rational degrees at four corners only), "sample" (a few representative configs, for the test)."""
-    from iapt_kernels.ops import attention_pool, rational
+OPS = ("rational", "attention_pool", "multi_tenant_generator")
+
+
+def _configs(scope: str, ops=OPS):
+    """Launch configurations of every op in `ops`. `scope`: "all" (every config a launcher can use),
+    "quick" (rational degrees at four corners only), "sample" (a few representative configs, for the
+    test)."""
+    import importlib
 
     corners = {(1, 1), (3, 2), (5, 4), (8, 8)}
-    for spec in [*rational.launch_configs(), *attention_pool.launch_configs()]:
+    specs = [spec for op in ops for spec in importlib.import_module(f"iapt_kernels.ops.{op}").launch_configs()]
+    for spec in specs:
         cfg = spec["config"]
         if scope == "quick" and "degrees" in cfg and tuple(cfg["degrees"]) not in corners:
             continue
@@ -45,7 +51,9 @@ def _configs(scope: str):
                 continue
             if "degrees" in cfg and (tuple(cfg["degrees"]) not in {(5, 4), (8, 8)} or cfg["grouped"]):
                 continue
-            if "L_PAD" in cfg and (cfg["L_PAD"] not in (4, 64) or cfg["packed"]):
+            if "L_PAD" in cfg and (cfg["L_PAD"] not in (4, 64) or cfg["packed"] or cfg["multi_tenant"]):
+                continue
+            if "call" in cfg and (cfg.get("version", "B") != "B" or cfg["dtype"] != "bf16"):
                 continue
         yield spec
 
@@ -73,12 +81,12 @@ def count_instructions(sass: str) -> dict[str, int]:
 
 
 def compile_one(args):
-    spec_index, arch, scope = args
+    spec_index, arch, scope, ops = args
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = list(_configs(scope))[spec_index]
+    spec = list(_configs(scope, ops))[spec_index]
     fn = spec["kernel"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -108,9 +116,9 @@ def compile_one(args):
     }
 
 
-def build_report(archs, scope="all", jobs=2, progress=True):
-    n = len(list(_configs(scope)))
-    work = [(i, arch, scope) for arch in archs for i in range(n)]
+def build_report(archs, scope="all", jobs=2, progress=True, ops=OPS):
+    n = len(list(_configs(scope, ops)))
+    work = [(i, arch, scope, tuple(ops)) for arch in archs for i in range(n)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         results = pool.map(compile_one, work, chunksize=8)
         if progress:
@@ -149,11 +157,12 @@ def main(argv=None) -> int:
     p.add_argument("--scope", choices=["all", "quick", "sample"], default="all",
                    help="all: every config (default); quick: rational degrees (1,1), (3,2), (5,4), (8,8) only; "
                         "sample: a few representative configs")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops' kernels (default: all)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress)
+    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress, ops=args.ops)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

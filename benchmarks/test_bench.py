@@ -3,7 +3,10 @@
     python -m pytest benchmarks --benchmark-only
 
 Each case is timed for the copy baseline and every implementation: the eager reference,
-`torch.compile(reference)` and the fused backend of this device (C++ on CPU, Triton on CUDA).
+`torch.compile(reference)` and the fused backend of this device (C++ on CPU, Triton on CUDA). The ops:
+rational, attention_pool, generator, and multi_tenant_generator when
+`iapt_kernels.MultiTenantPromptGenerator` is importable; the end-to-end serving comparison and the GPU
+cost model are `iapt-bench` only.
 """
 
 import pytest

@@ -1,7 +1,8 @@
 """iapt_kernels: fused kernels for IAPT (Instruction-Aware Prompt Tuning).
 
 Public API:
-    rational, Rational, rational_init, attention_pool, PromptGenerator, available_backends
+    rational, Rational, rational_init, attention_pool, PromptGenerator, MultiTenantPromptGenerator,
+    TenantGroups, available_backends
 
 Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
@@ -13,10 +14,15 @@ from . import reference
 from ._backend import available_backends
 from .fits import rational_init
 from .functional import attention_pool, rational
-from .modules import PromptGenerator, Rational
+from .modules import MultiTenantPromptGenerator, PromptGenerator, Rational, TenantGroups
 
 __all__ = [
     "rational", "Rational", "rational_init", "attention_pool", "PromptGenerator", "available_backends",
-    "reference",
+    "reference", "MultiTenantPromptGenerator", "TenantGroups",
 ]
 __version__ = "0.1.0"
+
+# Hugging Face integration (DESIGN.md section 4, integrations/): transformers is imported lazily.
+from .integrations import IAPTConfig, IAPTModel, apply_iapt, insert_prompt_slots, load_iapt, save_iapt  # noqa: E402
+
+__all__ += ["IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt"]

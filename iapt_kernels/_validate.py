@@ -170,3 +170,56 @@ def check_attention_pool_inputs(
                 f"cu_seqlens must end at N = hidden_states.shape[0] = {hidden_states.shape[0]}, got {bounds[-1]}"
             )
     return B, d, r, L
+
+
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_tenant_ids(tenant_ids: object, num_tenants: int, batch_size: int | None = None) -> None:
+    """`tenant_ids (B,)` integer, each in `[-1, num_tenants)` (`-1` = no adapter)."""
+    if not isinstance(tenant_ids, torch.Tensor):
+        raise TypeError(f"tenant_ids must be an integer torch.Tensor of shape (B,), got {type(tenant_ids).__name__}")
+    if tenant_ids.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"tenant_ids must be an integer tensor (e.g. torch.long), got {tenant_ids.dtype}")
+    if tenant_ids.dim() != 1:
+        raise ValueError(f"tenant_ids must be (B,), got shape {tuple(tenant_ids.shape)}")
+    if batch_size is not None and tenant_ids.numel() != batch_size:
+        raise ValueError(f"tenant_ids has {tenant_ids.numel()} entries but the batch has {batch_size} requests")
+    if tenant_ids.numel():
+        ids = tenant_ids.long()
+        bad = (ids < -1) | (ids >= num_tenants)
+        if bool(bad.any()):
+            first = int(ids[bad][0])
+            where = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"tenant id {first} (request {where}) is out of range: ids must be in [-1, {num_tenants}) "
+                f"for num_tenants={num_tenants} (-1 = no adapter)"
+            )
+
+
+def check_slot_index(slot_index: object, mask: torch.Tensor | None, batch_size: int, seq_len: int,
+                     num_tokens: int, device: torch.device) -> None:
+    """`slot_index (B, L)` long positions in `[0, S)` that are not instruction tokens."""
+    if not isinstance(slot_index, torch.Tensor) or slot_index.dtype != torch.long:
+        got = slot_index.dtype if isinstance(slot_index, torch.Tensor) else type(slot_index).__name__
+        raise TypeError(f"slot_index must be a torch.long tensor of shape (B, L), got {got}")
+    if slot_index.shape != (batch_size, num_tokens):
+        raise ValueError(f"slot_index must be (B, L) = ({batch_size}, {num_tokens}), got {tuple(slot_index.shape)}")
+    if slot_index.device != device:
+        raise ValueError(f"slot_index is on {slot_index.device} but hidden_states on {device}")
+    if slot_index.numel() == 0:
+        return
+    bad = (slot_index < 0) | (slot_index >= seq_len)
+    if bool(bad.any()):
+        b, l = torch.nonzero(bad)[0].tolist()
+        raise ValueError(
+            f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is outside [0, S) = [0, {seq_len})"
+        )
+    if mask is not None:
+        on_instruction = torch.gather(mask, 1, slot_index)
+        if bool(on_instruction.any()):
+            b, l = torch.nonzero(on_instruction)[0].tolist()
+            raise ValueError(
+                f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is an instruction position (mask is True "
+                "there): prompts must not overwrite the instruction they are computed from"
+            )

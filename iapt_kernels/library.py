@@ -12,6 +12,7 @@ import torch
 
 from . import _backend
 from .ops import attention_pool as _attention_pool
+from .ops import multi_tenant_generator as _multi_tenant
 from .ops import rational as _rational
 
 
@@ -165,3 +166,101 @@ def _(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, 
       max_seqlen, backend):
     return (hidden_states.new_empty(hidden_states.shape), torch.empty_like(down_weight),
             down_weight.new_empty(down_weight.shape[0]), torch.empty_like(pool_weight))
+
+
+# --------------------------------------------------------------------------- multi_tenant_generator
+# The CPU fast path composes the single-tenant C++ ops per tenant (modules/multi_tenant.py), so these
+# ops run Triton only: on CUDA, or on CPU tensors in the interpreter.
+
+
+def _triton_only(backend: str, device: torch.device) -> None:
+    if device.type == "cpu" and backend != "triton":
+        raise ValueError(f"iapt::multi_tenant_generator runs Triton kernels only, got backend={backend!r} on CPU")
+
+
+@torch.library.custom_op("iapt::multi_tenant_generator_fwd", mutates_args=())
+def multi_tenant_generator_fwd(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    order: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_tenant: torch.Tensor,
+    wsel: torch.Tensor,
+    unit: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    pool_weight: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    version: str,
+    max_seqlen: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-tenant generator forward: `(P, A, Z, U, G, n, Wdp)`; see `iapt_kernels.ops.multi_tenant_generator`."""
+    _triton_only(backend, hidden_states.device)
+    return _multi_tenant.multi_tenant_generator_fwd(
+        hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
+        pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen)
+
+
+@multi_tenant_generator_fwd.register_fake
+def _(hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
+      pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen, backend):
+    cdt = _multi_tenant.compute_dtype(hidden_states)
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden_states.shape[0]
+    S = max_seqlen if cu_seqlens is not None else hidden_states.shape[1]
+    T, r, d = down_weight.shape
+    L = pool_weight.shape[1]
+    K = seg_tenant.shape[0]
+    new = hidden_states.new_empty
+    return (new((B, L, d)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B, L, r), dtype=cdt),
+            new((B, L, r), dtype=cdt), new((B,), dtype=cdt), new((K, d, L), dtype=cdt))
+
+
+@torch.library.custom_op("iapt::multi_tenant_generator_bwd", mutates_args=())
+def multi_tenant_generator_bwd(
+    grad: torch.Tensor,
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    order: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_tenant: torch.Tensor,
+    wsel: torch.Tensor,
+    unit: torch.Tensor,
+    down_weight: torch.Tensor,
+    pool_weight: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    up_weight: torch.Tensor,
+    weights: torch.Tensor,
+    pooled_inputs: torch.Tensor,
+    pooled: torch.Tensor,
+    activated: torch.Tensor,
+    nonempty: torch.Tensor,
+    pool_product: torch.Tensor,
+    version: str,
+    max_seqlen: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`."""
+    _triton_only(backend, hidden_states.device)
+    return _multi_tenant.multi_tenant_generator_bwd(
+        grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
+        pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
+        pool_product, version, max_seqlen)
+
+
+@multi_tenant_generator_bwd.register_fake
+def _(grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
+      pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
+      pool_product, version, max_seqlen, backend):
+    T, r, d = down_weight.shape
+    L = pool_weight.shape[1]
+    new = numerator.new_empty
+    return (hidden_states.new_empty(hidden_states.shape), new((T, r, d)), new((T, r)), new((T, L, r)),
+            torch.empty_like(numerator), torch.empty_like(denominator), new((T, d, r)), new((T, d)))

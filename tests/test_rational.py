@@ -281,7 +281,8 @@ def test_module_matches_reference_module_and_state_dicts_interchange(backend):
     ref = reference.Rational(degrees=(5, 4), init="gelu", version="B", groups=2)
     assert [n for n, _ in fused.named_parameters()] == ["numerator", "denominator"]
     assert fused.state_dict().keys() == ref.state_dict().keys()
-    x = torch.randn(3, 10)
+    # The fits are made (and their errors promised) on [-3, 3].
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
     assert (fused(x) - torch.nn.functional.gelu(x)).abs().max() < 5e-3  # the gelu init is a gelu
     with torch.no_grad():
         ref.numerator.add_(torch.randn_like(ref.numerator) * 0.1)

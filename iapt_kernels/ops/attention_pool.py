@@ -34,6 +34,8 @@ Both layouts run the same kernels: padded `(B, S, d)` with a bool mask, or packe
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -66,13 +68,30 @@ def _rows(b, s, S, cu_ptr, mask_ptr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _request(p, order_ptr, wsel_ptr, HAS_ORDER: tl.constexpr):
+    """Sequence `b` that program row `p` pools, and which `Wdp` it uses. Single-tenant: `b = p`, one
+    `Wdp`. Multi-tenant: `order` lists the requests that have an adapter, grouped by tenant, and
+    `wsel` the present-tenant slot of each (DESIGN.md section 1, "Multi-tenant")."""
+    if HAS_ORDER:
+        b = tl.load(order_ptr + p)
+        w = tl.load(wsel_ptr + p).to(tl.int64)
+    else:
+        b = p
+        w = p.to(tl.int64) * 0
+    return b, w
+
+
+@triton.jit
 def _attention_pool_scores_kernel(
-    h_ptr, mask_ptr, cu_ptr, w_ptr, c_ptr, e_ptr,
+    h_ptr, mask_ptr, cu_ptr, order_ptr, wsel_ptr, w_ptr, c_ptr, e_ptr,
     S, D, L,
-    PACKED: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, HAS_ORDER: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # E[b, s, l] = sum_d H[row, d] Wdp[d, l] + c[l];  -inf where s is not an instruction token.
-    b = tl.program_id(0)
+    b, wi = _request(tl.program_id(0), order_ptr, wsel_ptr, HAS_ORDER)
+    w_ptr += wi * D * L
+    c_ptr += wi * L
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     row, valid = _rows(b, s, S, cu_ptr, mask_ptr, PACKED)
     cdt = w_ptr.dtype.element_ty
@@ -93,13 +112,14 @@ def _attention_pool_scores_kernel(
 
 @triton.jit
 def _attention_pool_fwd_kernel(
-    h_ptr, mask_ptr, cu_ptr, e_ptr, a_ptr, z_ptr,
+    h_ptr, mask_ptr, cu_ptr, order_ptr, wsel_ptr, e_ptr, a_ptr, z_ptr,
     S, D, L,
-    PACKED: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, HAS_ORDER: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Softmax statistics over all S (every program of sequence b recomputes them from the small E),
     # then Z[b, :, d-block] = A^T H[b, :, d-block]. The d-block-0 program also writes A.
-    b = tl.program_id(0)
+    b, _ = _request(tl.program_id(0), order_ptr, wsel_ptr, HAS_ORDER)
     pd = tl.program_id(1)
     cdt = e_ptr.dtype.element_ty
     lanes = tl.arange(0, L_PAD)
@@ -138,12 +158,13 @@ def _attention_pool_fwd_kernel(
 
 @triton.jit
 def _attention_pool_bwd_scores_kernel(
-    h_ptr, mask_ptr, cu_ptr, gz_ptr, ga_ptr,
+    h_ptr, mask_ptr, cu_ptr, order_ptr, wsel_ptr, gz_ptr, ga_ptr,
     S, D, L,
-    PACKED: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, HAS_ORDER: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # gA[b, s, l] = sum_d H[row, d] gZ[b, l, d];  0 where s is not an instruction token.
-    b = tl.program_id(0)
+    b, _ = _request(tl.program_id(0), order_ptr, wsel_ptr, HAS_ORDER)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     row, valid = _rows(b, s, S, cu_ptr, mask_ptr, PACKED)
     cdt = gz_ptr.dtype.element_ty
@@ -163,12 +184,16 @@ def _attention_pool_bwd_scores_kernel(
 
 @triton.jit
 def _attention_pool_bwd_kernel(
-    h_ptr, mask_ptr, cu_ptr, a_ptr, ga_ptr, gz_ptr, w_ptr, gh_ptr, gw_ptr,
+    h_ptr, mask_ptr, cu_ptr, order_ptr, wsel_ptr, a_ptr, ga_ptr, gz_ptr, w_ptr, gh_ptr, gw_ptr,
     S, D, L,
-    PACKED: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, HAS_ORDER: tl.constexpr, L_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # gH[b, :, d-block] = A gZ + gE Wdp^T and this sequence's partial gWdp[b, :, d-block] = gE^T H.
-    b = tl.program_id(0)
+    # gH[b, :, d-block] = A gZ + gE Wdp^T and this sequence's partial gWdp[p, :, d-block] = gE^T H,
+    # stored at the program row p (= b single-tenant) so a tenant's partials sit side by side.
+    p = tl.program_id(0)
+    b, wi = _request(p, order_ptr, wsel_ptr, HAS_ORDER)
+    w_ptr += wi * D * L
     pd = tl.program_id(1)
     cdt = gz_ptr.dtype.element_ty
     lanes = tl.arange(0, L_PAD)
@@ -207,7 +232,7 @@ def _attention_pool_bwd_kernel(
                  mask=keep[:, None] & dmask[None, :])
         h = tl.load(h_ptr + row[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
         gw += tl.sum(ge[:, :, None] * h.to(cdt)[:, None, :], axis=0)
-    out = (b.to(tl.int64) * L + lanes)[:, None] * D + dd[None, :]
+    out = (p.to(tl.int64) * L + lanes)[:, None] * D + dd[None, :]
     tl.store(gw_ptr + out, gw, mask=ld_mask)
 
 
@@ -228,26 +253,78 @@ def _layout(h, mask, cu_seqlens, max_seqlen):
     return B, S, D, False, m, m
 
 
+def stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c, requests=None):
+    """The two forward passes over `H`: scores, then softmax and `Z = A^T H`.
+
+    `wdp (W, d, L)` and `c (W, L)` in the compute dtype; `requests` is `None` (every sequence, `W = 1`)
+    or `(order, wsel)`: only the sequences in `order`, sequence `order[p]` with `wdp[wsel[p]]`.
+    Returns `A (B, S, L)` and `Z (B, L, d)`; rows of sequences not in `order` are left unwritten.
+    """
+    cdt = wdp.dtype
+    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
+    L = wdp.shape[-1]
+    rows, order, wsel = _programs(B, requests, h.device)
+    l_pad, block_s, block_d = block_sizes(L)
+    meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
+                BLOCK_D=block_d, num_warps=NUM_WARPS)
+    e = torch.empty((B, S, L), dtype=cdt, device=h.device)
+    a = torch.empty((B, S, L), dtype=cdt, device=h.device)
+    z = torch.empty((B, L, D), dtype=cdt, device=h.device)
+    if rows > 0:
+        if S > 0:
+            _attention_pool_scores_kernel[(rows, triton.cdiv(S, block_s))](
+                h, mask_arg, cu_arg, order, wsel, wdp, c, e, S, D, L, **meta)
+        _attention_pool_fwd_kernel[(rows, triton.cdiv(D, block_d))](
+            h, mask_arg, cu_arg, order, wsel, e, a, z, S, D, L, **meta)
+    return a, z
+
+
+def stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=None):
+    """The two backward passes over `H`: `gA = H gZ^T`, then `gH` and the per-sequence partials of
+    `gWdp^T`, laid out `(P, L, d)` by program row (sequence `p`, or `order[p]` with `requests`).
+
+    `gH` is exactly 0 at masked positions; rows of sequences not in `order` come back 0.
+    """
+    cdt = wdp.dtype
+    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
+    L = wdp.shape[-1]
+    rows, order, wsel = _programs(B, requests, h.device)
+    l_pad, block_s, block_d = block_sizes(L)
+    meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
+                BLOCK_D=block_d, num_warps=NUM_WARPS)
+    ga = torch.empty((B, S, L), dtype=cdt, device=h.device)
+    # Sequences the kernels skip (no adapter) get gradient 0; otherwise every element is written.
+    gh = torch.empty_like(h) if rows == B else torch.zeros_like(h)
+    gw_partial = torch.empty((rows, L, D), dtype=cdt, device=h.device)
+    if rows > 0:
+        if S > 0:
+            _attention_pool_bwd_scores_kernel[(rows, triton.cdiv(S, block_s))](
+                h, mask_arg, cu_arg, order, wsel, gz, ga, S, D, L, **meta)
+        _attention_pool_bwd_kernel[(rows, triton.cdiv(D, block_d))](
+            h, mask_arg, cu_arg, order, wsel, a, ga, gz, wdp, gh, gw_partial, S, D, L, **meta)
+    return gh, gw_partial
+
+
+def _programs(B, requests, device):
+    if requests is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        return B, dummy, dummy
+    order, wsel = requests
+    return order.numel(), order, wsel
+
+
 def attention_pool_fwd(h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen):
     """Triton forward. Returns `(U (B, L, r) in h.dtype, A (B, S, L), Z (B, L, d), n (B,))`, the last
     three in the compute dtype, saved for the backward."""
     cdt = compute_dtype(h)
     h = h.contiguous()
-    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
+    B, D = h.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1, h.shape[-1]
     L, r = pool_weight.shape
     wd, wp = down_weight.to(cdt), pool_weight.to(cdt)
     wdp = (wd.t() @ wp.t()).contiguous()  # (d, L)
     c = wp @ down_bias.to(cdt)  # (L,)
-    l_pad, block_s, block_d = block_sizes(L)
-    meta = dict(PACKED=packed, L_PAD=l_pad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS)
-    e = torch.empty((B, S, L), dtype=cdt, device=h.device)
-    a = torch.empty((B, S, L), dtype=cdt, device=h.device)
-    z = torch.empty((B, L, D), dtype=cdt, device=h.device)
-    if B > 0:
-        if S > 0:
-            _attention_pool_scores_kernel[(B, triton.cdiv(S, block_s))](h, mask_arg, cu_arg, wdp, c, e, S, D, L, **meta)
-        _attention_pool_fwd_kernel[(B, triton.cdiv(D, block_d))](h, mask_arg, cu_arg, e, a, z, S, D, L, **meta)
-    n = _nonempty(mask, cu_seqlens, cdt, B, h.device)
+    a, z = stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c)
+    n = nonempty(mask, cu_seqlens, cdt, B, h.device)
     u = torch.baddbmm(n[:, None, None] * down_bias.to(cdt), z, wd.t().expand(B, D, r))
     return u.to(h.dtype), a, z, n
 
@@ -256,22 +333,11 @@ def attention_pool_bwd(gu, h, mask, cu_seqlens, down_weight, pool_weight, a, z, 
     """Triton backward: `(gH like h, g_down_weight, g_down_bias, g_pool_weight)` in h.dtype."""
     cdt = compute_dtype(h)
     h = h.contiguous()
-    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
-    L, r = pool_weight.shape
     wd, wp = down_weight.to(cdt), pool_weight.to(cdt)
     wdp = (wd.t() @ wp.t()).contiguous()
     gu = gu.to(cdt).contiguous()
     gz = (gu @ wd).contiguous()  # (B, L, d)
-    l_pad, block_s, block_d = block_sizes(L)
-    meta = dict(PACKED=packed, L_PAD=l_pad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS)
-    ga = torch.empty((B, S, L), dtype=cdt, device=h.device)
-    gh = torch.empty_like(h)
-    gw_partial = torch.empty((B, L, D), dtype=cdt, device=h.device)
-    if B > 0:
-        if S > 0:
-            _attention_pool_bwd_scores_kernel[(B, triton.cdiv(S, block_s))](h, mask_arg, cu_arg, gz, ga, S, D, L, **meta)
-        _attention_pool_bwd_kernel[(B, triton.cdiv(D, block_d))](
-            h, mask_arg, cu_arg, a, ga, gz, wdp, gh, gw_partial, S, D, L, **meta)
+    gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp)
     gwdp = gw_partial.sum(dim=0).t()  # (d, L); a fixed-order sum over sequences, no atomics
     g_down_weight = torch.einsum("blr,bld->rd", gu, z) + (gwdp @ wp).t()
     g_down_bias = torch.einsum("blr,b->r", gu, n)
@@ -279,7 +345,8 @@ def attention_pool_bwd(gu, h, mask, cu_seqlens, down_weight, pool_weight, a, z, 
     return gh, g_down_weight.to(h.dtype), g_down_bias.to(h.dtype), g_pool_weight.to(h.dtype)
 
 
-def _nonempty(mask, cu_seqlens, cdt, B, device):
+def nonempty(mask, cu_seqlens, cdt, B, device):
+    """`n (B,)`: 1 for a sequence with at least one instruction token, else 0 (it pools to U = 0)."""
     if cu_seqlens is not None:
         return (cu_seqlens[1:] > cu_seqlens[:-1]).to(cdt)
     if mask.shape[1] == 0:
@@ -297,9 +364,15 @@ class AttentionPoolFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend):
+    def forward(ctx, h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend,
+                full_precision=False):
         u, a, z, n = torch.ops.iapt.attention_pool_fwd(
             h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend)
+        if full_precision and u.dtype != z.dtype:
+            # U again from the saved fp32 Z, unrounded, for callers that keep fusing after the pool
+            # (the multi-tenant CPU path); L x d x r per sequence, next to nothing.
+            cdt = z.dtype
+            u = torch.baddbmm(n[:, None, None] * down_bias.to(cdt), z, down_weight.to(cdt).t().expand(z.shape[0], -1, -1))
         ctx.save_for_backward(h, mask, cu_seqlens, down_weight, pool_weight, a, z, n)
         ctx.meta = (max_seqlen, backend)
         ctx.mark_non_differentiable(a, z, n)
@@ -311,7 +384,7 @@ class AttentionPoolFunction(torch.autograd.Function):
         max_seqlen, backend = ctx.meta
         gh, gwd, gbd, gwp = torch.ops.iapt.attention_pool_bwd(
             gu.contiguous(), h, mask, cu_seqlens, down_weight, pool_weight, a, z, n, max_seqlen, backend)
-        return gh, None, None, gwd, gbd, gwp, None, None
+        return gh, None, None, gwd, gbd, gwp, None, None, None
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -330,17 +403,19 @@ def launch_configs():
     )
     for io in ("fp32", "fp16", "bf16", "fp64"):
         cdt = "fp64" if io == "fp64" else "fp32"
-        for packed in (False, True):
+        for packed, has_order in itertools.product((False, True), (False, True)):
             index_ty = "i32" if packed else "u8"
             for l_pad in (1 << i for i in range(MAX_TOKENS.bit_length())):
                 _, block_s, block_d = block_sizes(l_pad)
                 for fn, name, pointers in kernels:
-                    types = {"h_ptr": io, "mask_ptr": index_ty, "cu_ptr": index_ty}
+                    types = {"h_ptr": io, "mask_ptr": index_ty, "cu_ptr": index_ty,
+                             "order_ptr": "i32", "wsel_ptr": "i32"}
                     types.update({k: cdt if v == "c" else io for k, v in pointers.items()})
                     yield dict(
                         kernel=fn, name=name, pointers=types,
-                        constexprs=dict(PACKED=packed, L_PAD=l_pad, BLOCK_S=block_s, BLOCK_D=block_d),
+                        constexprs=dict(PACKED=packed, HAS_ORDER=has_order, L_PAD=l_pad, BLOCK_S=block_s,
+                                        BLOCK_D=block_d),
                         num_warps=NUM_WARPS, unaligned=("L",),
-                        config=dict(dtype=io, packed=packed, L_PAD=l_pad, BLOCK_S=block_s, BLOCK_D=block_d,
-                                    num_warps=NUM_WARPS),
+                        config=dict(dtype=io, packed=packed, multi_tenant=has_order, L_PAD=l_pad,
+                                    BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS),
                     )

@@ -6,6 +6,7 @@ the same constructors, parameter names and state_dicts as their fused counterpar
 
 from .attention_pool import attention_pool
 from .generator import PromptGenerator
+from .multi_tenant import MultiTenantPromptGenerator
 from .rational import Rational, rational
 
-__all__ = ["rational", "Rational", "attention_pool", "PromptGenerator"]
+__all__ = ["rational", "Rational", "attention_pool", "PromptGenerator", "MultiTenantPromptGenerator"]
