@@ -12,10 +12,12 @@ cost model are `iapt-bench` only.
 import pytest
 import torch
 
-from iapt_kernels.bench import configure_compile, default_cases
+from iapt_kernels.bench import _configure_malloc, configure_compile, default_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 configure_compile()
+if DEVICE == "cpu":
+    _configure_malloc("reuse")  # as `iapt-bench` does by default
 CASES = default_cases(DEVICE)
 PARAMS = [pytest.param(case, impl, id=f"{case.label}-{impl}") for case in CASES for impl in ["copy", *case.impls]]
 

@@ -43,11 +43,34 @@ __all__ = ["MODES", "Case", "configure_compile", "default_cases", "rational_case
 def _model_specs(cases: list[Case]) -> list[tuple]:
     seen, specs = set(), []
     for c in cases:
-        key = (c.op, c.shape)
+        key = (c.op, c.shape, c.params.get("mix"))
         if key not in seen:
             seen.add(key)
             specs.append((c.op, c.shape, c.params))
     return specs
+
+
+def _configure_malloc(mode: str) -> str:
+    """With glibc's defaults every tensor of 32 MiB or more is a fresh mmap: each call of an op that
+    returns a new tensor page-faults its whole output (a 2^23-element `x.clone()` costs ~6x
+    `out.copy_(x)` here). `reuse` raises the mmap and trim thresholds so freed buffers are reused,
+    as a caching allocator does; it applies to every implementation alike. Returns a report note."""
+    if mode == "default":
+        return "Allocator: glibc defaults (large outputs are fresh page-faulting mmaps on every call)."
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 31) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "Allocator: glibc mallopt unavailable; large outputs may page-fault on every call."
+    return ("Allocator: freed buffers are reused (glibc mallopt M_MMAP_THRESHOLD=1 GiB, M_TRIM_THRESHOLD=2 GiB, "
+            "for every implementation alike, as jemalloc/tcmalloc would); `--malloc default` measures "
+            "glibc's defaults, where every large output is page-faulted afresh on each call.")
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -58,6 +81,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     configure_compile()
     notes = []
+    if args.device == "cpu":
+        notes.append(_configure_malloc(args.malloc))
     load0 = _load()
     cases = default_cases(args.device, quick=args.quick, compiled=not args.no_compile) if not args.no_ops else []
     if not multi_tenant_available():
@@ -87,12 +112,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             timer = functools.partial(time_cpu, min_time=args.min_time, min_reps=3 if args.min_time < 0.1 else 5)
         records = run_cases(cases, args.device, progress=bar if bar is not None else False, timer=timer)
         model = cost.model_rows(specs, model_dtypes, progress=bar)
-        by_key = {(m["op"], tuple(m["shape"]), m["dtype"], m["mode"]): m for m in model}
+        def key(rec):
+            return rec["op"], tuple(rec["shape"]), rec["dtype"], rec["mode"], rec.get("params", {}).get("mix")
+
+        by_key = {key(m): m for m in model}
         for r in records:
-            m = by_key.get((r["op"], tuple(r["shape"]), r["dtype"], r["mode"]))
+            m = by_key.get(key(r))
             if m is None:
                 continue
-            r.update({k: v for k, v in m.items() if k not in ("op", "shape", "dtype", "mode")})
+            r.update({k: v for k, v in m.items() if k not in ("op", "shape", "dtype", "mode", "params")})
             r["h100_ms_modelled"] = (m["h100_ms_fused"] if r["backend"] in ("cpp", "triton")
                                      else m["h100_ms_reference"] if r["backend"] == "reference" else None)
         e2e = None
@@ -140,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse: keep freed large buffers in glibc's heap (mallopt), as a caching allocator "
+                        "(jemalloc, tcmalloc) would, so no implementation pays page faults for a fresh "
+                        "output on every call; default: glibc's own thresholds (default: reuse)")
     p.add_argument("--no-e2e", action="store_true", help="skip the IAPT-vs-LoRA serving comparison")
     p.add_argument("--e2e-threads", type=int, default=1, metavar="N",
                    help="torch CPU threads of the serving comparison (default 1: decoding a tiny model is "

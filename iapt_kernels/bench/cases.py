@@ -45,7 +45,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.op}[{'x'.join(map(str, self.shape))},{str(self.dtype).replace('torch.', '')},{self.mode}]"
+        extra = f",{self.params['mix']}" if "mix" in self.params else ""
+        return f"{self.op}[{'x'.join(map(str, self.shape))},{str(self.dtype).replace('torch.', '')},{self.mode}{extra}]"
 
 
 def _runner(fn, inputs, mode, grad, params=()):
@@ -186,8 +187,9 @@ def multi_tenant_available() -> bool:
 
 def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.float32,), backends=None,
                        compiled=True) -> list[Case]:
-    """The multi-tenant generator at `(T, B, S, d, r, L)`: `T` tenants' generators, `B` requests with
-    tenant ids `0, 1, ..., T-1, 0, ...`; empty when the class is not importable."""
+    """The multi-tenant generator at `(T, B, S, d, r, L)`: `T` tenants' generators and `B` requests
+    whose tenants follow a mix (`TENANT_MIXES`; every mix at the last shape, round robin at the
+    others); empty when the class is not importable."""
     if not multi_tenant_available():
         return []
     import iapt_kernels
@@ -195,13 +197,14 @@ def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.fl
 
     backends = backends if backends is not None else kernel_backends(device)
     cases = []
-    for T, B, S, d, r, L in shapes:
+    runs = [(shape, "round_robin") for shape in shapes[:-1]] + [(shapes[-1], mix) for mix in TENANT_MIXES]
+    for (T, B, S, d, r, L), mix in runs:
         for dtype in dtypes:
             for mode in MODES:
                 torch.manual_seed(0)
                 h = torch.randn(B, S, d).to(device=device, dtype=dtype)
                 mask = _mask(B, S, device)
-                tenant_ids = (torch.arange(B) % T).to(device)
+                tenant_ids = tenant_mix(mix, B, T).to(device)
                 out = torch.empty_like(h)
                 if mode == "fwd+bwd":
                     h.requires_grad_()
@@ -213,7 +216,8 @@ def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.fl
                     g.to(device=device, dtype=dtype)
                     g.requires_grad_(mode == "fwd+bwd")
                 params = {"T": T, "B": B, "S": S, "d": d, "r": r, "L": L, "degrees": (5, 4),
-                          "mask_fraction": float(mask.float().mean())}
+                          "mask_fraction": float(mask.float().mean()), "mix": mix,
+                          "tenant_ids": tenant_ids.tolist()}
                 case = Case("multi_tenant_generator", (T, B, S, d, r, L), dtype, mode,
                             tensors_moved=1.0 if mode == "fwd" else 3.0, params=params)
                 case.copy = lambda out=out, h=h: out.copy_(h.detach())
@@ -225,6 +229,22 @@ def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.fl
                                                          g.parameters())
                 cases.append(case)
     return cases
+
+
+TENANT_MIXES = ("round_robin", "one_tenant", "zipf")
+
+
+def tenant_mix(mix: str, B: int, T: int) -> torch.Tensor:
+    """`tenant_ids (B,)`: `round_robin` 0, 1, ..., T-1, 0, ...; `one_tenant` all 0; `zipf` tenant t
+    drawn with weight 1 / (t + 1)^1.5 (a fixed seed), as traffic across many tenants tends to be."""
+    if mix == "round_robin":
+        return torch.arange(B) % T
+    if mix == "one_tenant":
+        return torch.zeros(B, dtype=torch.long)
+    if mix == "zipf":
+        weights = 1.0 / torch.arange(1, T + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, B, replacement=True, generator=torch.Generator().manual_seed(0))
+    raise ValueError(f"unknown tenant mix {mix!r}; one of {TENANT_MIXES}")
 
 
 def default_cases(device: str, quick: bool = False, compiled: bool = True) -> list[Case]:

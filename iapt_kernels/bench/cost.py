@@ -234,7 +234,7 @@ def _group_launches(T: int, B: int) -> int:
     return count(lambda: TenantGroups.build(torch.arange(B) % T, T))["launches"]
 
 
-def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode):
+def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     """`multi_tenant_generator_fwd` (Triton launcher), K = present tenants (tenant of request i is
     i mod T), every request with an adapter. Forward: `TenantGroups.build` (small index ops, counted);
     Wdp_t (K, d, L) by `_multi_tenant_generator_matmul_kernel` reading each present tenant's Wp, Wd once,
@@ -247,8 +247,9 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode):
     gWd, gbd, gWp for all T tenants; the wgrad kernel for gWu, gbu (reads gP, G); the matmul kernel gZ =
     gU Wd_t; the wgrad kernel for gWd, gbd (reads gU, Z); the two attention-pool backward passes over H
     (write gH and per-request gWdp partials); the wgrad kernel summing the partials per tenant; two
-    matmul kernels for gWp_t and the Wp-term of gWd_t (accumulating: reads and writes gWd)."""
-    K = min(T, B)
+    matmul kernels for gWp_t and the Wp-term of gWd_t (accumulating: reads and writes gWd).
+    `K` = the number of present tenants (default: round robin, min(T, B))."""
+    K = min(T, B) if K is None else K
     H = B * S * d
     rows = f * H * s
     mask = B * S
@@ -301,7 +302,8 @@ def fused_cost(op: str, params: dict, dtype: torch.dtype, mode: str) -> dict:
     if op == "generator":
         return _generator_fused(B, S, d, r, L, s, f, k, n, mode)
     if op == "multi_tenant_generator":
-        return _multi_tenant_fused(params["T"], B, S, d, r, L, s, f, k, n, mode)
+        present = len({t for t in params.get("tenant_ids", range(B)) if t >= 0})
+        return _multi_tenant_fused(params["T"], B, S, d, r, L, s, f, k, n, mode, present)
     raise ValueError(f"no fused cost formula for op {op!r}")
 
 
@@ -352,7 +354,8 @@ def _reference_call(op: str, params: dict, dtype: torch.dtype, mode: str, device
         if op == "multi_tenant_generator":
             T = params["T"]
             gen = reference.MultiTenantPromptGenerator(T, d, r, L).to(device=device, dtype=dtype)
-            args = (h, mask, (torch.arange(B) % T).to(device))
+            ids = params.get("tenant_ids", [b % T for b in range(B)])
+            args = (h, mask, torch.tensor(ids, dtype=torch.long, device=device))
             fn, out_shape = gen, (B, L, d)
         else:
             gen = reference.PromptGenerator(d, r, L).to(device=device, dtype=dtype)
@@ -390,6 +393,8 @@ def model_rows(specs, dtypes=(torch.float32, torch.bfloat16), progress=None) -> 
                     progress.set_postfix_str(f"model {op} {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode}")
                 ref = reference_cost(op, params, dtype, mode)
                 rec = {"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+                if "mix" in params:
+                    rec["params"] = {"mix": params["mix"]}
                 rec.update(model_record(op, params, dtype, mode, ref))
                 s = torch.empty((), dtype=dtype).element_size()
                 unit = params["numel"] * s if op == "rational" else params["B"] * params["S"] * params["d"] * s

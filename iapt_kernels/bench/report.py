@@ -21,7 +21,9 @@ TIE = 0.02  # e2e ratios within 2 % are reported as a tie
 
 
 def _shape(rec) -> str:
-    return "x".join(map(str, rec["shape"]))
+    """The shape, and the tenant mix for the multi-tenant op (its cases differ only in that)."""
+    mix = rec.get("params", {}).get("mix")
+    return "x".join(map(str, rec["shape"])) + (f" ({mix})" if mix else "")
 
 
 def _size(rec) -> int:
@@ -114,7 +116,7 @@ def op_sentences(records: list[dict]) -> list[str]:
         recs = [r for r in records if r["op"] == op]
         big = max(recs, key=_size)
         for mode in ("fwd", "fwd+bwd"):
-            rows = {r["backend"]: r for r in recs if r["shape"] == big["shape"] and r["mode"] == mode
+            rows = {r["backend"]: r for r in recs if _shape(r) == _shape(big) and r["mode"] == mode
                     and r["dtype"] == big["dtype"]}
             fused = next((rows[b] for b in FUSED if b in rows), None)
             if fused is None or "reference" not in rows:
@@ -193,9 +195,9 @@ def acceptance_lines(model: list[dict]) -> list[str]:
     out = []
     for op in _ops(model):
         rows = [r for r in model if r["op"] == op]
-        big = max(rows, key=_size)["shape"]
+        big = _shape(max(rows, key=_size))
         for r in rows:
-            if r["shape"] != big:
+            if _shape(r) != big:
                 continue
             ok = r["bytes_ratio"] <= ACCEPTANCE_RATIO
             tag = "target" if op in ACCEPTANCE_OPS else "no target"

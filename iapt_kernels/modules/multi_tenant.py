@@ -11,7 +11,7 @@ from ..functional import rational
 from ..ops.attention_pool import AttentionPoolFunction
 from ..ops.multi_tenant_generator import MAX_TOKENS, MultiTenantGeneratorFunction, TenantGroups
 from ..reference.multi_tenant import MultiTenantPromptGenerator as _ReferenceMultiTenant
-from ..reference.multi_tenant import select_requests
+from ..reference.multi_tenant import request_rows
 from .generator import PromptGenerator
 
 __all__ = ["MultiTenantPromptGenerator", "TenantGroups"]
@@ -62,18 +62,43 @@ class MultiTenantPromptGenerator(_ReferenceMultiTenant):
 
     def _prompts_per_tenant(self, hidden_states, mask, cu_seqlens, groups):
         # unbind (not indexing) so the backward stacks each parameter's gradient once, zeros for the
-        # tenants absent from the batch.
+        # tenants absent from the batch; one split of the batch so gH is assembled once.
         wd, bd, wp = self.down.weight.unbind(0), self.down.bias.unbind(0), self.pool.weight.unbind(0)
         num, den = self.act.numerator.unbind(0), self.act.denominator.unbind(0)
         wu, bu = self.up.weight.unbind(0), self.up.bias.unbind(0)
+        segments = groups.segments()
+        where = [request_rows(mask, cu_seqlens, index) for _, index in segments]
+        parts = _SplitRows.apply(hidden_states, *(rows for rows, _, _ in where)) if segments else ()
         # The activation and up-projection of the few (L, r) rows run in at least fp32, as the fused
         # Triton path does, so half-precision inputs round U once rather than U, G and P each.
-        cdt = torch.promote_types(hidden_states.dtype, torch.float32)
         out = hidden_states.new_zeros((groups.batch_size, self.num_tokens, self.hidden_size))
-        for t, index in groups.segments():
-            h, m, cu = select_requests(hidden_states, mask, cu_seqlens, index)
+        for (t, index), (_, m, cu), h in zip(segments, where, parts):
             u = AttentionPoolFunction.apply(h, m, cu, wd[t], bd[t], wp[t], _max_seqlen(h, cu), "cpp", True)[0]
             g = rational(u, num[t], den[t], version=self.version, backend="cpp")
-            p = F.linear(g, wu[t].to(cdt), bu[t].to(cdt))
+            p = F.linear(g, wu[t].to(u.dtype), bu[t].to(u.dtype))
             out = out.index_copy(0, index, p.to(out.dtype))
         return out
+
+
+class _SplitRows(torch.autograd.Function):
+    """`x.index_select(0, rows_k)` for several disjoint `rows_k` at once. Its backward writes every
+    part's gradient into one zero-filled tensor (separate index_selects would each allocate a
+    full-size gradient and autograd would sum them: T passes over gH instead of one)."""
+
+    @staticmethod
+    def forward(ctx, x, *rows):
+        ctx.save_for_backward(*rows)
+        ctx.shape = x.shape
+        return tuple(x.index_select(0, r) for r in rows)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        rows = ctx.saved_tensors
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return (None,) * (1 + len(rows))
+        gx = ref.new_zeros(ctx.shape)
+        for r, g in zip(rows, grads):
+            if g is not None:
+                gx.index_copy_(0, r, g)
+        return (gx, *(None,) * len(rows))

@@ -18,21 +18,27 @@ from .attention_pool import attention_pool
 from .generator import PromptGenerator
 from .rational import rational
 
-__all__ = ["MultiTenantPromptGenerator", "select_requests"]
+__all__ = ["MultiTenantPromptGenerator", "select_requests", "request_rows"]
+
+
+def request_rows(mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, index: torch.Tensor):
+    """Where the requests `index` (a 1-D long tensor) live: `(rows, mask, cu_seqlens)`, with `rows`
+    indexing dimension 0 of `hidden_states`. Padded: the requests themselves and their mask rows.
+    Packed: their token rows back to back, with their own offsets."""
+    if cu_seqlens is None:
+        return index, mask.index_select(0, index), None
+    starts, ends = cu_seqlens[:-1].long()[index], cu_seqlens[1:].long()[index]
+    rows = torch.cat([torch.arange(s, e, device=index.device) for s, e in zip(starts.tolist(), ends.tolist())]
+                     + [torch.zeros(0, dtype=torch.long, device=index.device)])
+    sub_cu = torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(ends - starts, 0).to(cu_seqlens.dtype)])
+    return rows, None, sub_cu
 
 
 def select_requests(hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                     index: torch.Tensor):
-    """The sub-batch of requests `index` (a 1-D long tensor): `(hidden_states, mask, cu_seqlens)` in the
-    caller's layout. Padded: rows of `(B, S, d)` and `(B, S)`. Packed: the requests' token rows back to
-    back, with their own offsets."""
-    if cu_seqlens is None:
-        return hidden_states.index_select(0, index), mask.index_select(0, index), None
-    starts, ends = cu_seqlens[:-1].long()[index], cu_seqlens[1:].long()[index]
-    rows = torch.cat([torch.arange(s, e, device=hidden_states.device) for s, e in zip(starts.tolist(), ends.tolist())]
-                     + [torch.zeros(0, dtype=torch.long, device=hidden_states.device)])
-    sub_cu = torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(ends - starts, 0).to(cu_seqlens.dtype)])
-    return hidden_states.index_select(0, rows), None, sub_cu
+    """The sub-batch of requests `index`: `(hidden_states, mask, cu_seqlens)` in the caller's layout."""
+    rows, sub_mask, sub_cu = request_rows(mask, cu_seqlens, index)
+    return hidden_states.index_select(0, rows), sub_mask, sub_cu
 
 
 class _Stacked(nn.Module):
