@@ -4,6 +4,7 @@ a mixed batch's gradients are the sum of its single-tenant sub-batches'; slot wr
 else; grouping reused across layers; packed = padded; determinism; conversions; bad input."""
 
 import itertools
+import os
 import zlib
 
 import pytest
@@ -138,18 +139,24 @@ def test_parity_fp32(backend, mix, B, T):
     assert torch.equal(p[ids < 0], torch.zeros_like(p[ids < 0])), "rows of tenant -1 must be 0"
 
 
-REDUCED = [(mix, B, T) for mix, B, T in GRID if (B, T) in ((7, 64), (33, 5)) and mix in ("zipf", "skewed", "with_none")]
+# fp16/bf16: the whole grid on the C++ path; a subset in the Triton interpreter, whose time per case
+# is seconds (on a GPU the whole grid is cheap: run it there with IAPT_FULL_GRID=1).
+TRITON_REDUCED = GRID if os.environ.get("IAPT_FULL_GRID") else [
+    (mix, B, T) for mix, B, T in GRID if (B, T) in ((7, 64), (33, 5)) and mix in ("zipf", "skewed", "with_none")]
+REDUCED = [pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}")
+           for backend in KERNEL_BACKENDS for case in (TRITON_REDUCED if backend == "triton" else GRID)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("mix, B, T", REDUCED)
+@pytest.mark.parametrize("backend, mix, B, T", REDUCED)
 def test_parity_reduced_precision(dtype, backend, mix, B, T):
     gen = _seed("mt16", mix, B, T, str(dtype))
     ref = make_generator(T, gen)
     h, mask = make_batch(B, gen, dtype)
     ids = tenant_mix(mix, B, T, gen)
-    grad = torch.randn(B, L, D, generator=gen, dtype=torch.float64).abs().to(dtype)
+    # Scaled as fp16 training scales its loss: the coefficient gradients sum B*L*r terms and must
+    # stay inside fp16's range (65504), or inf is the right answer.
+    grad = (torch.randn(B, L, D, generator=gen, dtype=torch.float64).abs() / 64).to(dtype)
     # The oracle sees the rounded inputs and weights, so only the kernels' arithmetic is measured.
     mod = fused(ref, backend, dtype)
     ref_rounded = reference.MultiTenantPromptGenerator(T, D, R, L).double()

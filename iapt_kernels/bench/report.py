@@ -229,6 +229,11 @@ def _plt():
     return plt
 
 
+def _size_sweep(rec) -> bool:
+    """Records on the size sweep: the multi-tenant op's other tenant mixes (same size) are table-only."""
+    return rec.get("params", {}).get("mix", "round_robin") == "round_robin"
+
+
 def plot_speedups(records: list[dict], path: str) -> None:
     plt = _plt()
     ops = _ops(records)
@@ -236,7 +241,7 @@ def plot_speedups(records: list[dict], path: str) -> None:
     rows_n = (len(ops) + 1) // 2
     fig, axes = plt.subplots(rows_n, cols, figsize=(11, 4.2 * rows_n), squeeze=False)
     for ax, op in zip(axes.flat, ops):
-        recs = [r for r in records if r["op"] == op and r["backend"] != "reference"]
+        recs = [r for r in records if r["op"] == op and r["backend"] != "reference" and _size_sweep(r)]
         for backend in sorted({r["backend"] for r in recs}):
             for mode, style in (("fwd", "-o"), ("fwd+bwd", "--s")):
                 pts = sorted((_size(r), r["speedup_vs_reference"]) for r in recs
@@ -246,7 +251,7 @@ def plot_speedups(records: list[dict], path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{op}: speedup over eager reference")
+        ax.set_title(f"{op}: speedup over eager reference" + (" (round-robin tenants)" if op.startswith("multi") else ""))
         ax.set_xlabel("input elements (x, or H = B*S*d)")
         ax.set_ylabel("speedup (x, higher is faster)")
         ax.legend(fontsize=8)
@@ -266,7 +271,8 @@ def plot_model(model: list[dict], path: str) -> None:
         for dtype, ls in (("float32", "-"), ("bfloat16", "--")):
             for mode, marker in (("fwd", "o"), ("fwd+bwd", "s")):
                 pts = sorted((_size(r), r["bytes_ratio"], r["h100_ms_reference"] / r["h100_ms_fused"])
-                             for r in model if r["op"] == op and r["dtype"] == dtype and r["mode"] == mode)
+                             for r in model if r["op"] == op and r["dtype"] == dtype and r["mode"] == mode
+                             and _size_sweep(r))
                 if not pts:
                     continue
                 kw = dict(color=colors[i % len(colors)], ls=ls, marker=marker, label=f"{op} {dtype} {mode}")
