@@ -2,7 +2,8 @@
 
 Public API:
     rational, Rational, rational_init, attention_pool, PromptGenerator, MultiTenantPromptGenerator,
-    TenantGroups, available_backends
+    TenantGroups, available_backends, and for Hugging Face models IAPTConfig, IAPTModel, apply_iapt,
+    insert_prompt_slots, save_iapt, load_iapt (transformers is imported lazily)
 
 Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
