@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._rational_fits import FITS
+from ._validate import check_degrees, check_version
 
 __all__ = ["INIT_NAMES", "rational_init", "fit_max_error"]
 
@@ -24,23 +25,12 @@ INIT_NAMES: tuple[str, ...] = ("identity", "relu", "leaky_relu", "gelu", "silu",
 ``leaky_relu`` has negative slope 0.01 and ``gelu`` is the exact (erf) GELU.
 """
 
-_MAX_DEGREE = 8
-
 
 def _check(name: object, degrees: object, version: object) -> tuple[str, int, int, str]:
     if not isinstance(name, str) or name not in INIT_NAMES:
         raise ValueError(f"unknown init name {name!r}; known names: {', '.join(INIT_NAMES)}")
-    try:
-        m, n = degrees  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise ValueError(f"degrees must be a pair (m, n), got {degrees!r}") from None
-    for label, d in (("numerator degree m", m), ("denominator degree n", n)):
-        if not isinstance(d, int) or isinstance(d, bool):
-            raise TypeError(f"{label} must be an int, got {d!r}")
-        if not 1 <= d <= _MAX_DEGREE:
-            raise ValueError(f"{label} must be in 1..{_MAX_DEGREE}, got {d}")
-    if not isinstance(version, str) or version not in ("A", "B"):
-        raise ValueError(f'version must be "A" or "B", got {version!r}')
+    m, n = check_degrees(degrees)
+    check_version(version)
     return name, m, n, version
 
 

@@ -261,21 +261,16 @@ def stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c, requests=None):
     Returns `A (B, S, L)` and `Z (B, L, d)`; rows of sequences not in `order` are left unwritten.
     """
     cdt = wdp.dtype
-    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
-    L = wdp.shape[-1]
-    rows, order, wsel = _programs(B, requests, h.device)
-    l_pad, block_s, block_d = block_sizes(L)
-    meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
-                BLOCK_D=block_d, num_warps=NUM_WARPS)
+    B, S, D, L, rows, args, block_s, block_d, meta = _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests)
     e = torch.empty((B, S, L), dtype=cdt, device=h.device)
     a = torch.empty((B, S, L), dtype=cdt, device=h.device)
     z = torch.empty((B, L, D), dtype=cdt, device=h.device)
     if rows > 0:
         if S > 0:
             _attention_pool_scores_kernel[(rows, triton.cdiv(S, block_s))](
-                h, mask_arg, cu_arg, order, wsel, wdp, c, e, S, D, L, **meta)
+                h, *args, wdp, c, e, S, D, L, **meta)
         _attention_pool_fwd_kernel[(rows, triton.cdiv(D, block_d))](
-            h, mask_arg, cu_arg, order, wsel, e, a, z, S, D, L, **meta)
+            h, *args, e, a, z, S, D, L, **meta)
     return a, z
 
 
@@ -286,12 +281,7 @@ def stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=None):
     `gH` is exactly 0 at masked positions; rows of sequences not in `order` come back 0.
     """
     cdt = wdp.dtype
-    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
-    L = wdp.shape[-1]
-    rows, order, wsel = _programs(B, requests, h.device)
-    l_pad, block_s, block_d = block_sizes(L)
-    meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
-                BLOCK_D=block_d, num_warps=NUM_WARPS)
+    B, S, D, L, rows, args, block_s, block_d, meta = _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests)
     ga = torch.empty((B, S, L), dtype=cdt, device=h.device)
     # Sequences the kernels skip (no adapter) get gradient 0; otherwise every element is written.
     gh = torch.empty_like(h) if rows == B else torch.zeros_like(h)
@@ -299,18 +289,27 @@ def stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=None):
     if rows > 0:
         if S > 0:
             _attention_pool_bwd_scores_kernel[(rows, triton.cdiv(S, block_s))](
-                h, mask_arg, cu_arg, order, wsel, gz, ga, S, D, L, **meta)
+                h, *args, gz, ga, S, D, L, **meta)
         _attention_pool_bwd_kernel[(rows, triton.cdiv(D, block_d))](
-            h, mask_arg, cu_arg, order, wsel, a, ga, gz, wdp, gh, gw_partial, S, D, L, **meta)
+            h, *args, a, ga, gz, wdp, gh, gw_partial, S, D, L, **meta)
     return gh, gw_partial
 
 
-def _programs(B, requests, device):
+def _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests):
+    """What both directions' launches share: sizes, the program-row count, the leading kernel
+    arguments `(mask, cu_seqlens, order, wsel)` (dummies for what is not in use), blocks, constexprs."""
+    B, S, D, packed, mask_arg, cu_arg = _layout(h, mask, cu_seqlens, max_seqlen)
+    L = wdp.shape[-1]
     if requests is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-        return B, dummy, dummy
-    order, wsel = requests
-    return order.numel(), order, wsel
+        rows, order = B, torch.empty(1, dtype=torch.int32, device=h.device)
+        wsel = order
+    else:
+        order, wsel = requests
+        rows = order.numel()
+    l_pad, block_s, block_d = block_sizes(L)
+    meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
+                BLOCK_D=block_d, num_warps=NUM_WARPS)
+    return B, S, D, L, rows, (mask_arg, cu_arg, order, wsel), block_s, block_d, meta
 
 
 def attention_pool_fwd(h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen):
