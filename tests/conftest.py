@@ -1,24 +1,65 @@
-"""Test setup: Triton runs in its CPU interpreter when there is no GPU, and every uninitialised output
-is poisoned with NaN so a kernel that forgets to write an element fails its test."""
+"""Test setup, read top to bottom:
+
+1. cuBLAS is deterministic only with a fixed workspace, and the variable must be set before CUDA
+   initialises: every test runs with `torch.use_deterministic_algorithms(True)` (see 5).
+2. Where CUDA exists the Triton backend runs on CUDA tensors; where it does not, Triton runs in its
+   CPU interpreter (`TRITON_INTERPRET=1`, read when a kernel is *defined*, so before iapt_kernels
+   imports). Triton's own default for FP fusion is used, as in production.
+3. TF32 is off: the fp32 tolerance (1e-5) holds for exact fp32 products only (README, "Precision").
+4. `device`: a test that takes it runs once per device. Its `cuda` case carries the `gpu` marker and
+   is skipped with "needs CUDA" on a machine without one; a `cpp`/`reference` case exists on CPU only
+   (the C++ backend is CPU code; the float64 ground truth is computed on CPU from the same values); a
+   `triton` case on CPU needs the interpreter, which is off when CUDA is present.
+5. Every uninitialised output is poisoned with NaN, so a kernel that forgets an element fails.
+"""
 
 import os
 
-import torch
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-# TRITON_INTERPRET is read when a kernel is *defined*, so it must be set before iapt_kernels imports.
-if not torch.cuda.is_available():
+import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 import pytest  # noqa: E402
 
 import iapt_kernels  # noqa: E402,F401
 
+NEEDS_CUDA = "needs CUDA"
+INTERPRETER_OFF = "the Triton interpreter is off where CUDA is present: Triton runs on the cuda case"
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+
+
+def pytest_collection_modifyitems(config, items):
+    selected, dropped = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        device, backend = params.get("device"), params.get("backend")
+        if device == "cuda" and backend in ("cpp", "reference"):
+            dropped.append(item)  # a CPU-only backend, or the ground truth: no CUDA case to run
+            continue
+        if item.get_closest_marker("gpu") and not CUDA:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_CUDA))
+        elif device == "cpu" and backend == "triton" and CUDA:
+            item.add_marker(pytest.mark.skip(reason=INTERPRETER_OFF))
+        selected.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = selected
+
 
 @pytest.fixture(autouse=True)
 def poison_uninitialized_memory():
-    """With deterministic algorithms on, torch.empty* (Python and ATen C++ alike) fills new floating
-    tensors with NaN: every kernel output starts poisoned."""
+    """With deterministic algorithms on, torch.empty* (Python and ATen C++ alike, CPU and CUDA) fills
+    new floating tensors with NaN: every kernel output starts poisoned."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True

@@ -5,7 +5,7 @@ import torch
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere in `out` gives inf, so it never passes."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if torch.isnan(out64).any():
         return float("inf")
     if out64.numel() == 0:

@@ -58,8 +58,9 @@ def make_mask(kind, B, S, gen):
     return pos >= S - lengths[:, None]  # left padded
 
 
-def make_generators(B, S, d, r, L, dtype, backend, gen):
-    """A fused generator in `dtype` and a float64 reference generator holding the same weights."""
+def make_generators(B, S, d, r, L, dtype, backend, gen, device="cpu"):
+    """A fused generator in `dtype` on `device` and a float64 reference generator (CPU) holding the
+    same weights."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     fused = iapt_kernels.PromptGenerator(d, r, num_tokens=L, backend=backend)
     with torch.no_grad():  # a non-trivial up-projection and activation, so every gradient is exercised
@@ -73,12 +74,16 @@ def make_generators(B, S, d, r, L, dtype, backend, gen):
     fused = fused.to(dtype)
     ref = reference.PromptGenerator(d, r, num_tokens=L).double()
     ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
-    return fused, ref
+    return fused.to(device), ref
 
 
 def run_generator(module, h, mask, grad, cu_seqlens=None):
+    """P and every gradient, with the inputs moved to the module's device."""
     module.zero_grad(set_to_none=True)
-    h = h.detach().clone().requires_grad_()
+    device = next(module.parameters()).device
+    h = h.detach().to(device).clone().requires_grad_()
+    mask, grad = (None if mask is None else mask.to(device)), grad.to(device)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(device)
     p = module(h, mask, cu_seqlens=cu_seqlens)
     p.backward(grad)
     params = dict(module.named_parameters())
@@ -96,30 +101,31 @@ def check_parity(out, ref, tol, context):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_generator_parity_with_float64_reference(backend, dtype):
+def test_generator_parity_with_float64_reference(backend, device, dtype):
     tol = TOLERANCE[dtype]
     shapes = SHAPES if dtype == torch.float32 else pairwise_subset(SHAPES)
     for i, (B, S, d, r, L) in enumerate(shapes):
         kind = MASK_KINDS[i % len(MASK_KINDS)]
         gen = _seed(B, S, d, r, L, kind)
         mask = make_mask(kind, B, S, gen)
-        fused, ref = make_generators(B, S, d, r, L, dtype, backend, gen)
+        fused, ref = make_generators(B, S, d, r, L, dtype, backend, gen, device)
         h = torch.randn(B, S, d, generator=gen).to(dtype)
         h[~mask] = float("nan")  # masked positions must never leak
         grad = (torch.rand(B, L, d, generator=gen) + 0.5).to(dtype)
         out = run_generator(fused, h, mask, grad)
         expect = run_generator(ref, h.double(), mask, grad.double())
         check_parity(out, expect, tol, f"B={B} S={S} d={d} r={r} L={L} mask={kind}")
-        assert torch.all(out["hidden_states"][~mask] == 0)
+        assert out["P"].device.type == device
+        assert torch.all(out["hidden_states"].cpu()[~mask] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_mask_kind_at_a_prime_length(backend):
+def test_every_mask_kind_at_a_prime_length(backend, device):
     B, S, d, r, L = 3, 31, 80, 48, 4
     for kind in MASK_KINDS:
         gen = _seed("kinds", kind)
         mask = make_mask(kind, B, S, gen)
-        fused, ref = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+        fused, ref = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
         h = torch.randn(B, S, d, generator=gen)
         grad = torch.rand(B, L, d, generator=gen) + 0.5
         check_parity(run_generator(fused, h, mask, grad), run_generator(ref, h.double(), mask, grad.double()),
@@ -127,12 +133,12 @@ def test_every_mask_kind_at_a_prime_length(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_layout_equals_padded(backend):
+def test_packed_layout_equals_padded(backend, device):
     B, S, d, r, L = 3, 29, 80, 48, 4
     gen = _seed("packed")
     mask = make_mask("random", B, S, gen)
     mask[1] = False  # an empty sequence in the middle
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
     h = torch.randn(B, S, d, generator=gen)
     grad = torch.rand(B, L, d, generator=gen) + 0.5
     padded = run_generator(fused, h, mask, grad)
@@ -146,45 +152,45 @@ def test_packed_layout_equals_padded(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf"), 1e30])
-def test_masked_positions_never_influence_anything(backend, poison):
+def test_masked_positions_never_influence_anything(backend, device, poison):
     B, S, d, r, L = 3, 17, 80, 8, 4
     gen = _seed("poison")
     mask = make_mask("random", B, S, gen)
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
     h = torch.randn(B, S, d, generator=gen)
     grad = torch.rand(B, L, d, generator=gen) + 0.5
     clean = run_generator(fused, torch.where(mask[..., None], h, 0.0), mask, grad)
     dirty = run_generator(fused, torch.where(mask[..., None], h, poison), mask, grad)
     for key in clean:
         assert torch.equal(clean[key], dirty[key]), key
-    assert torch.all(dirty["hidden_states"][~mask] == 0)
+    assert torch.all(dirty["hidden_states"].cpu()[~mask] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_instruction_pools_to_zero(backend):
+def test_empty_instruction_pools_to_zero(backend, device):
     B, S, d, r, L = 2, 9, 16, 8, 4
     gen = _seed("empty")
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
-    mask = torch.zeros(B, S, dtype=torch.bool)
-    h = torch.full((B, S, d), float("nan"))
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
+    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    h = torch.full((B, S, d), float("nan"), device=device)
     u = iapt_kernels.attention_pool(h, mask, fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
-    assert torch.equal(u, torch.zeros(B, L, r))
+    assert torch.equal(u, torch.zeros(B, L, r, device=device))
     out = run_generator(fused, h, mask, torch.ones(B, L, d))
     for key, value in out.items():
         assert torch.isfinite(value).all(), key
-    assert torch.equal(out["hidden_states"], torch.zeros(B, S, d))
+    assert torch.equal(out["hidden_states"], torch.zeros(B, S, d, device=device))
     # S = 0: no tokens at all
-    u0 = iapt_kernels.attention_pool(torch.zeros(B, 0, d), torch.zeros(B, 0, dtype=torch.bool),
+    u0 = iapt_kernels.attention_pool(torch.zeros(B, 0, d, device=device), torch.zeros(B, 0, dtype=torch.bool, device=device),
                                      fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
-    assert torch.equal(u0, torch.zeros(B, L, r))
+    assert torch.equal(u0, torch.zeros(B, L, r, device=device))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backward_is_bitwise_deterministic(backend):
+def test_backward_is_bitwise_deterministic(backend, device):
     B, S, d, r, L = 3, 40, 80, 48, 4
     gen = _seed("det")
     mask = make_mask("random", B, S, gen)
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
     h = torch.randn(B, S, d, generator=gen)
     grad = torch.randn(B, L, d, generator=gen)
     first, second = run_generator(fused, h, mask, grad), run_generator(fused, h, mask, grad)
@@ -193,14 +199,12 @@ def test_backward_is_bitwise_deterministic(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, device):
     gen = _seed("gradcheck")
     B, S, d, r, L = 2, 5, 6, 3, 2
-    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
-    h = torch.randn(B, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    wd = torch.randn(r, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    bd = torch.randn(r, generator=gen, dtype=torch.float64, requires_grad=True)
-    wp = torch.randn(L, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5], device=device)
+    h, wd, bd, wp = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+                     for shape in ((B, S, d), (r, d), (r,), (L, r)))
     fn = lambda h_, a, b, c: iapt_kernels.attention_pool(h_, mask, a, b, c, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, wd, bd, wp))
 
@@ -208,34 +212,35 @@ def test_gradcheck_float64(backend):
 # --------------------------------------------------------------------------- bad input
 
 
-def _args(B=2, S=5, d=8, r=4, L=3, dtype=torch.float32):
-    return (torch.randn(B, S, d, dtype=dtype), torch.ones(B, S, dtype=torch.bool),
-            torch.randn(r, d, dtype=dtype), torch.randn(r, dtype=dtype), torch.randn(L, r, dtype=dtype))
+def _args(B=2, S=5, d=8, r=4, L=3, dtype=torch.float32, device="cpu"):
+    return tuple(t.to(device) for t in (
+        torch.randn(B, S, d, dtype=dtype), torch.ones(B, S, dtype=torch.bool),
+        torch.randn(r, d, dtype=dtype), torch.randn(r, dtype=dtype), torch.randn(L, r, dtype=dtype)))
 
 
-def _packed_args():
-    h, _, wd, bd, wp = _args()
-    return torch.randn(7, 8), wd, bd, wp
+def _packed_args(device="cpu"):
+    h, _, wd, bd, wp = _args(device=device)
+    return torch.randn(7, 8, device=device), wd, bd, wp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_padded(backend):
-    h, mask, wd, bd, wp = _args()
+def test_bad_input_padded(backend, device):
+    h, mask, wd, bd, wp = _args(device=device)
     call = lambda *a, **k: iapt_kernels.attention_pool(*a, backend=backend, **k)  # noqa: E731
     with pytest.raises(ValueError, match=r"mask must be \(B, S\)"):
         call(h, mask[:, :4], wd, bd, wp)
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
         call(h, mask.float(), wd, bd, wp)
     with pytest.raises(ValueError, match="hidden size d=8"):
-        call(h, mask, torch.randn(4, 9), bd, wp)
+        call(h, mask, torch.randn(4, 9, device=device), bd, wp)
     with pytest.raises(ValueError, match=r"down_bias must be \(r,\)"):
-        call(h, mask, wd, torch.randn(5), wp)
+        call(h, mask, wd, torch.randn(5, device=device), wp)
     with pytest.raises(ValueError, match=r"pool_weight must be \(L, r\) with r=4"):
-        call(h, mask, wd, bd, torch.randn(3, 5))
+        call(h, mask, wd, bd, torch.randn(3, 5, device=device))
     with pytest.raises(ValueError, match="L=0"):
-        call(h, mask, wd, bd, torch.randn(0, 4))
+        call(h, mask, wd, bd, torch.randn(0, 4, device=device))
     with pytest.raises(ValueError, match="r, d >= 1"):
-        call(h, mask, torch.randn(0, 8), torch.randn(0), torch.randn(3, 0))
+        call(h, mask, *(torch.randn(*s, device=device) for s in ((0, 8), (0,), (3, 0))))
     with pytest.raises(TypeError, match="down_weight has dtype torch.float64"):
         call(h, mask, wd.double(), bd, wp)
     with pytest.raises(ValueError, match="same device"):
@@ -247,20 +252,21 @@ def test_bad_input_padded(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_packed(backend):
-    h, wd, bd, wp = _packed_args()
+def test_bad_input_packed(backend, device):
+    h, wd, bd, wp = _packed_args(device)
+    cu32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
     call = lambda cu, **k: iapt_kernels.attention_pool(h, None, wd, bd, wp, cu_seqlens=cu, backend=backend, **k)  # noqa: E731
     with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor"):
-        call(torch.tensor([0, 3, 7]))
+        call(torch.tensor([0, 3, 7], device=device))
     with pytest.raises(ValueError, match="must start at 0"):
-        call(torch.tensor([1, 3, 7], dtype=torch.int32))
+        call(cu32([1, 3, 7]))
     with pytest.raises(ValueError, match="non-decreasing"):
-        call(torch.tensor([0, 4, 3, 7], dtype=torch.int32))
+        call(cu32([0, 4, 3, 7]))
     with pytest.raises(ValueError, match="must end at N"):
-        call(torch.tensor([0, 3, 6], dtype=torch.int32))
+        call(cu32([0, 3, 6]))
     with pytest.raises(ValueError, match="not both"):
-        iapt_kernels.attention_pool(h, torch.ones(1, 7, dtype=torch.bool), wd, bd, wp,
-                                    cu_seqlens=torch.tensor([0, 7], dtype=torch.int32), backend=backend)
+        iapt_kernels.attention_pool(h, torch.ones(1, 7, dtype=torch.bool, device=device), wd, bd, wp,
+                                    cu_seqlens=cu32([0, 7]), backend=backend)
 
 
 def test_generator_constructor_errors():
@@ -289,22 +295,26 @@ def test_state_dicts_interchange_and_fresh_prompts_are_small():
     assert rel_err(p, ref.double()(h.double(), mask)) < 1e-5
 
 
-def _allocation_sizes(fn):
-    """Byte sizes of every CPU allocation (from C++ or Python) made while `fn` runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+def _allocation_sizes(fn, device):
+    """Byte sizes of every allocation on `device` (from C++ or Python) made while `fn` runs."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
-    return {e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0}
+    usage = (lambda e: e.cpu_memory_usage) if device == "cpu" else (lambda e: e.device_memory_usage)
+    return {usage(e) for e in prof.events() if usage(e) > 0}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_path_never_allocates_a_b_s_r_tensor(backend):
+def test_fused_path_never_allocates_a_b_s_r_tensor(backend, device):
     B, S, d, r, L = 2, 48, 24, 40, 4  # sizes chosen so B*S*r matches no other tensor's size
     gen = _seed("alloc")
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen)
-    h = torch.randn(B, S, d, generator=gen, requires_grad=True)
-    mask = make_mask("random", B, S, gen)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
+    h = torch.randn(B, S, d, generator=gen).to(device).requires_grad_()
+    mask = make_mask("random", B, S, gen).to(device)
     forbidden = B * S * r * 4
-    sizes = _allocation_sizes(lambda: fused(h, mask).sum().backward())
+    sizes = _allocation_sizes(lambda: fused(h, mask).sum().backward(), device)
     if backend == "reference":
         assert forbidden in sizes  # the naive order does form H Wd^T: the probe can see it
     else:

@@ -372,15 +372,19 @@ def test_transformers_trainer_trains_only_generators(tmp_path):
 
 
 @pytest.mark.skipif("triton" not in ik.available_backends(), reason="Triton not runnable here")
-def test_triton_backend_switch_matches_reference():
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (one tiny case)
-    w = wrap(tiny_model("llama")).to(device)
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("num_tenants", [1, 3])
+def test_triton_backend_switch_matches_reference(backend, device, num_tenants):
+    w = wrap(tiny_model("llama"), num_tenants=num_tenants).to(device)  # CPU: the Triton interpreter
     b = {k: v.to(device) for k, v in batch("right").items()}
+    if num_tenants > 1:
+        b["tenant_ids"] = torch.tensor([2, -1, 0], device=device)
     res = []
-    for backend in ("triton", "reference"):
-        w.set_backend(backend)
+    for which in (backend, "reference"):
+        w.set_backend(which)
         w.zero_grad(set_to_none=True)
         out = w(**b)
+        assert out.logits.device.type == device
         out.loss.backward()
         res.append((out.logits.detach(), [p.grad.clone() for p in w.generators.parameters()]))
     assert rel_err(res[0][0], res[1][0]) < 1e-5

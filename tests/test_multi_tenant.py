@@ -94,20 +94,23 @@ def oracle(ref, h, mask, tenant_ids, grad):
 
 
 def run(module, h, mask, tenant_ids, grad, **kw):
-    hh = h.detach().clone().requires_grad_()
+    """`P` and every gradient, the inputs moved to the module's device and the results back to CPU."""
+    device = next(module.parameters()).device
+    hh = h.detach().to(device).clone().requires_grad_()
     for p in module.parameters():
         p.grad = None
-    p = module(hh, mask, tenant_ids, **kw)
+    p = module(hh, mask.to(device), tenant_ids.to(device), **kw)
+    assert p.device == device
     if p.requires_grad:  # not when every request is tenant -1: then nothing depends on the inputs
-        (p * grad.to(p.dtype)).sum().backward()
-    grads = {n: (q.grad if q.grad is not None else torch.zeros_like(q)) for n, q in module.named_parameters()}
-    return p.detach(), (hh.grad if hh.grad is not None else torch.zeros_like(hh)), grads
+        (p * grad.to(device, p.dtype)).sum().backward()
+    grads = {n: (q.grad if q.grad is not None else torch.zeros_like(q)).cpu() for n, q in module.named_parameters()}
+    return p.detach().cpu(), (hh.grad if hh.grad is not None else torch.zeros_like(hh)).cpu(), grads
 
 
-def fused(ref, backend, dtype):
+def fused(ref, backend, dtype, device="cpu"):
     mod = iapt_kernels.MultiTenantPromptGenerator(ref.num_tenants, ref.hidden_size, R, L, backend=backend)
     mod.load_state_dict(ref.state_dict())
-    return mod.to(dtype)
+    return mod.to(device, dtype)
 
 
 def check(out, want, dtype, what):
@@ -120,14 +123,14 @@ GRID = list(itertools.product(MIXES, [1, 3, 7, 33], [1, 5, 64]))
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mix, B, T", GRID)
-def test_parity_fp32(backend, mix, B, T):
+def test_parity_fp32(backend, device, mix, B, T):
     gen = _seed("mt", mix, B, T)
     ref = make_generator(T, gen, D_GRID)
     h, mask = make_batch(B, gen, d=D_GRID)
     ids = tenant_mix(mix, B, T, gen)
     grad = torch.randn(B, L, D_GRID, generator=gen, dtype=torch.float64).abs()
     want_p, want_h, want_w = oracle(ref, h, mask, ids, grad)
-    p, gh, gw = run(fused(ref, backend, torch.float32), h.float(), mask, ids, grad)
+    p, gh, gw = run(fused(ref, backend, torch.float32, device), h.float(), mask, ids, grad)
     check(p, want_p, torch.float32, "P")
     check(gh, want_h, torch.float32, "grad hidden_states")
     present = set(ids[ids >= 0].tolist())
@@ -149,7 +152,7 @@ REDUCED = [pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend, mix, B, T", REDUCED)
-def test_parity_reduced_precision(dtype, backend, mix, B, T):
+def test_parity_reduced_precision(dtype, backend, device, mix, B, T):
     gen = _seed("mt16", mix, B, T, str(dtype))
     ref = make_generator(T, gen)
     h, mask = make_batch(B, gen, dtype)
@@ -158,9 +161,9 @@ def test_parity_reduced_precision(dtype, backend, mix, B, T):
     # stay inside fp16's range (65504), or inf is the right answer.
     grad = (torch.randn(B, L, D, generator=gen, dtype=torch.float64).abs() / 64).to(dtype)
     # The oracle sees the rounded inputs and weights, so only the kernels' arithmetic is measured.
-    mod = fused(ref, backend, dtype)
+    mod = fused(ref, backend, dtype, device)
     ref_rounded = reference.MultiTenantPromptGenerator(T, D, R, L).double()
-    ref_rounded.load_state_dict({k: v.double() for k, v in mod.state_dict().items()})
+    ref_rounded.load_state_dict({k: v.double().cpu() for k, v in mod.state_dict().items()})
     want_p, want_h, want_w = oracle(ref_rounded, h, mask, ids, grad)
     p, gh, gw = run(mod, h, mask, ids, grad)
     assert p.dtype == dtype and gh.dtype == dtype
@@ -171,11 +174,11 @@ def test_parity_reduced_precision(dtype, backend, mix, B, T):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_is_sum_of_single_tenant_batches(backend):
+def test_mixed_batch_is_sum_of_single_tenant_batches(backend, device):
     gen = _seed("sum", backend)
     T, B = 5, 9
     ref = make_generator(T, gen)
-    mod = fused(ref, backend, torch.float32)
+    mod = fused(ref, backend, torch.float32, device)
     h, mask = make_batch(B, gen, torch.float32)
     ids = torch.tensor([3, 0, 3, -1, 1, 3, 0, 4, 1])
     grad = torch.randn(B, L, D, generator=gen)
@@ -197,22 +200,23 @@ def test_mixed_batch_is_sum_of_single_tenant_batches(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_slot_index_writes_only_slots(backend):
+def test_slot_index_writes_only_slots(backend, device):
     gen = _seed("slots", backend)
     T, B, S_full = 5, 4, 13
     ref = make_generator(T, gen)
-    mod = fused(ref, backend, torch.float32)
+    mod = fused(ref, backend, torch.float32, device)
     h = torch.randn(B, S_full, D, generator=gen)
     mask = torch.zeros(B, S_full, dtype=torch.bool)
     mask[:, :6] = torch.rand(B, 6, generator=gen) < 0.8
     slot_index = torch.stack([torch.randperm(S_full - 6, generator=gen)[:L] + 6 for _ in range(B)])
     ids = torch.tensor([2, -1, 0, 2])
+    h, mask, slot_index, ids = (t.to(device) for t in (h, mask, slot_index, ids))
     prompts = mod(h, mask, ids)
     before = h.clone()
     with torch.no_grad():
         out = mod(h, mask, ids, slot_index=slot_index)
     assert out is h
-    written = torch.zeros(B, S_full, dtype=torch.bool)
+    written = torch.zeros(B, S_full, dtype=torch.bool, device=device)
     for b in range(B):
         if ids[b] >= 0:
             written[b, slot_index[b]] = True
@@ -222,21 +226,23 @@ def test_slot_index_writes_only_slots(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_groups_reused_across_layers_and_packed_equals_padded(backend):
+def test_groups_reused_across_layers_and_packed_equals_padded(backend, device):
     gen = _seed("groups", backend)
     T, B = 5, 6
-    layers = [fused(make_generator(T, gen), backend, torch.float32) for _ in range(2)]
+    layers = [fused(make_generator(T, gen), backend, torch.float32, device) for _ in range(2)]
     h, mask = make_batch(B, gen, torch.float32)
     ids = torch.tensor([4, 1, -1, 4, 0, 1])
+    h, mask, ids = h.to(device), mask.to(device), ids.to(device)
     groups = TenantGroups.build(ids, T)
     for mod in layers:
         assert torch.equal(mod(h, mask, groups=groups), mod(h, mask, ids))
     # Packed: only the instruction tokens, back to back.
     mod = layers[0]
     lengths = mask.sum(1)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).to(torch.int32)])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32, device=device), torch.cumsum(lengths, 0).to(torch.int32)])
     packed = h[mask]
     padded_p, padded_h, padded_w = run(mod, h, mask, ids, torch.ones(B, L, D))
+    padded_h = padded_h.to(device)
     hp = packed.clone().requires_grad_()
     for p in mod.parameters():
         p.grad = None
@@ -249,10 +255,10 @@ def test_groups_reused_across_layers_and_packed_equals_padded(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_nan_never_leaks_and_backward_is_deterministic(backend):
+def test_masked_nan_never_leaks_and_backward_is_deterministic(backend, device):
     gen = _seed("nan", backend)
     T, B = 5, 5
-    mod = fused(make_generator(T, gen), backend, torch.float32)
+    mod = fused(make_generator(T, gen), backend, torch.float32, device)
     h, mask = make_batch(B, gen, torch.float32)
     h[~mask] = float("nan")
     h[0, ~mask[0]] = float("inf")
@@ -302,30 +308,31 @@ def test_fresh_generator_gives_small_finite_prompts():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input(backend):
-    mod = iapt_kernels.MultiTenantPromptGenerator(3, D, R, L, backend=backend)
-    h = torch.randn(2, S, D)
-    mask = torch.zeros(2, S, dtype=torch.bool)
+def test_bad_input(backend, device):
+    mod = iapt_kernels.MultiTenantPromptGenerator(3, D, R, L, backend=backend).to(device)
+    h = torch.randn(2, S, D, device=device)
+    mask = torch.zeros(2, S, dtype=torch.bool, device=device)
     mask[:, :2] = True
+    tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
     with pytest.raises(ValueError, match="tenant id 3"):
-        mod(h, mask, torch.tensor([0, 3]))
+        mod(h, mask, tensor([0, 3]))
     with pytest.raises(ValueError, match="tenant id -2"):
-        mod(h, mask, torch.tensor([-2, 0]))
+        mod(h, mask, tensor([-2, 0]))
     with pytest.raises(TypeError, match="integer"):
-        mod(h, mask, torch.tensor([0.0, 1.0]))
+        mod(h, mask, tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="3 entries but the batch has 2"):
-        mod(h, mask, torch.tensor([0, 1, 2]))
-    good_slots = torch.tensor([[2, 3, 4, 5], [2, 3, 4, 5]])
+        mod(h, mask, tensor([0, 1, 2]))
+    good_slots = tensor([[2, 3, 4, 5], [2, 3, 4, 5]])
     with pytest.raises(ValueError, match="outside"):
-        mod(h, mask, torch.tensor([0, 1]), slot_index=good_slots + 1)
+        mod(h, mask, tensor([0, 1]), slot_index=good_slots + 1)
     with pytest.raises(ValueError, match="instruction position"):
-        mod(h, mask, torch.tensor([0, 1]), slot_index=good_slots - 1)
+        mod(h, mask, tensor([0, 1]), slot_index=good_slots - 1)
     with pytest.raises(TypeError, match="slot_index"):
-        mod(h, mask, torch.tensor([0, 1]), slot_index=good_slots.int())
+        mod(h, mask, tensor([0, 1]), slot_index=good_slots.int())
     with pytest.raises(ValueError, match="mask must be"):
-        mod(h, mask[:, :-1], torch.tensor([0, 1]))
+        mod(h, mask[:, :-1], tensor([0, 1]))
     with pytest.raises(ValueError, match="hidden size"):
-        mod(torch.randn(2, S, D + 1), mask, torch.tensor([0, 1]))
+        mod(torch.randn(2, S, D + 1, device=device), mask, tensor([0, 1]))
     with pytest.raises(ValueError, match="tenant_ids"):
         mod(h, mask)
     with pytest.raises(ValueError, match="num_tenants"):

@@ -66,12 +66,13 @@ def _upstream_grad(shape, gen):
     return torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
 
 
-def _run(fn, x, num, den, grad):
-    x = x.detach().requires_grad_()
-    num = num.detach().requires_grad_()
-    den = den.detach().requires_grad_()
+def _run(fn, x, num, den, grad, device="cpu"):
+    """Output and every gradient of `fn` with all inputs on `device` (the float64 reference: CPU)."""
+    x = x.detach().to(device).requires_grad_()
+    num = num.detach().to(device).requires_grad_()
+    den = den.detach().to(device).requires_grad_()
     y = fn(x, num, den)
-    y.backward(grad)
+    y.backward(grad.to(device))
     return y, x.grad, num.grad, den.grad
 
 
@@ -80,7 +81,7 @@ def _run(fn, x, num, den, grad):
 @pytest.mark.parametrize("version", ["A", "B"])
 @pytest.mark.parametrize("degrees", DEGREES, ids=str)
 @pytest.mark.parametrize("groups", [1, 4])
-def test_parity_with_float64_reference(backend, dtype, version, degrees, groups):
+def test_parity_with_float64_reference(backend, device, dtype, version, degrees, groups):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((version, degrees, groups)).encode()))
     num, den = _make_coefficients(degrees, groups, gen)
     tol = TOLERANCE[dtype]
@@ -89,8 +90,9 @@ def test_parity_with_float64_reference(backend, dtype, version, degrees, groups)
         grad = _upstream_grad(x.shape, gen).to(dtype)
         out = _run(
             lambda x_, a_, b_: iapt_kernels.rational(x_, a_, b_, version=version, backend=backend),
-            x, num, den, grad,
+            x, num, den, grad, device,
         )
+        assert out[0].device.type == device
         # Ground truth: the reference in float64 on the very same (rounded) inputs.
         ref = _run(
             lambda x_, a_, b_: reference.rational(x_, a_, b_, version=version),
@@ -106,13 +108,13 @@ def test_parity_with_float64_reference(backend, dtype, version, degrees, groups)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("version", ["A", "B"])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_gradcheck_float64(backend, version, groups):
+def test_gradcheck_float64(backend, device, version, groups):
     gen = torch.Generator().manual_seed(7)
     # Keep x away from the kinks of |.| so finite differences are valid.
     x = (torch.rand(4, 3 * groups, generator=gen, dtype=torch.float64) + 0.2) * torch.tensor([1.0, -1.0]).repeat(6 * groups)[: 3 * groups]
     num = torch.randn(groups, 4, generator=gen, dtype=torch.float64) * 0.5
     den = torch.rand(groups, 3, generator=gen, dtype=torch.float64) * 0.5 + 0.1
-    args = [t.requires_grad_() for t in (x, num, den)]
+    args = [t.to(device).requires_grad_() for t in (x, num, den)]
     assert torch.autograd.gradcheck(
         lambda a, b, c: iapt_kernels.rational(a, b, c, version=version, backend=backend), args
     )
@@ -120,11 +122,11 @@ def test_gradcheck_float64(backend, version, groups):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("version", ["A", "B"])
-def test_identity_init_learns_denominator(backend, version):
+def test_identity_init_learns_denominator(backend, device, version):
     num, den = iapt_kernels.rational_init("identity", (5, 4), version)
-    num, den = num.float().requires_grad_(), den.float().requires_grad_()
+    num, den = num.float().to(device).requires_grad_(), den.float().to(device).requires_grad_()
     assert torch.count_nonzero(den) == 0
-    x = torch.linspace(-1, 2, 101)  # asymmetric: on a symmetric grid the odd moments cancel exactly
+    x = torch.linspace(-1, 2, 101, device=device)  # asymmetric: on a symmetric grid the odd moments cancel exactly
     y = iapt_kernels.rational(x, num, den, version=version, backend=backend)
     assert torch.equal(y, x)  # exact identity
     y.pow(2).sum().backward()
@@ -133,34 +135,34 @@ def test_identity_init_learns_denominator(backend, version):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("groups", [1, 4])
-def test_backward_is_bitwise_deterministic(backend, groups):
+def test_backward_is_bitwise_deterministic(backend, device, groups):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(37, 256, generator=gen)
     num, den = _make_coefficients((5, 4), groups, gen)
     grad = torch.randn(x.shape, generator=gen)
     fn = lambda a, b, c: iapt_kernels.rational(a, b, c, backend=backend)  # noqa: E731
-    first = _run(fn, x, num, den, grad)
-    second = _run(fn, x, num, den, grad)
+    first = _run(fn, x, num, den, grad, device)
+    second = _run(fn, x, num, den, grad, device)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sum_backward_stride_zero_grad(backend):
+def test_sum_backward_stride_zero_grad(backend, device):
     # `.sum().backward()` hands the backward an expanded (stride-0) gradient.
     num, den = iapt_kernels.rational_init("gelu")
-    x = torch.randn(3, 40, requires_grad=True)
-    iapt_kernels.rational(x, num.float(), den.float(), backend=backend).sum().backward()
-    xr = x.detach().double().requires_grad_()
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    iapt_kernels.rational(x, num.float().to(device), den.float().to(device), backend=backend).sum().backward()
+    xr = x.detach().double().cpu().requires_grad_()
     reference.rational(xr, num, den).sum().backward()
     assert rel_err(x.grad, xr.grad) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_and_inf_propagate_like_reference(backend):
+def test_nan_and_inf_propagate_like_reference(backend, device):
     num, den = iapt_kernels.rational_init("gelu")
     x = torch.tensor([0.5, float("nan"), -1.0, float("inf"), 2.0])
-    out = iapt_kernels.rational(x, num.float(), den.float(), backend=backend)
+    out = iapt_kernels.rational(x.to(device), num.float().to(device), den.float().to(device), backend=backend).cpu()
     ref = reference.rational(x.double(), num, den)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     finite = torch.isfinite(ref)
@@ -168,11 +170,11 @@ def test_nan_and_inf_propagate_like_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_dimensional_coefficients_and_mixed_precision(backend):
+def test_one_dimensional_coefficients_and_mixed_precision(backend, device):
     num, den = iapt_kernels.rational_init("silu", (5, 4))
     x = torch.randn(8, 16, dtype=torch.float16)
-    a, b = num.float().requires_grad_(), den.float().requires_grad_()
-    y = iapt_kernels.rational(x, a, b, backend=backend)
+    a, b = num.float().to(device).requires_grad_(), den.float().to(device).requires_grad_()
+    y = iapt_kernels.rational(x.to(device), a, b, backend=backend)
     y.float().sum().backward()
     assert y.dtype == torch.float16 and a.grad.shape == (6,) and b.grad.dtype == torch.float32
     assert rel_err(y, reference.rational(x.double(), num, den)) < TOLERANCE[torch.float16]
@@ -201,24 +203,24 @@ def _coefficients(m=5, n=4, groups=1):
         ("meta_device", ValueError, "same device"),
     ],
 )
-def test_bad_input_is_rejected_before_launch(backend, case, exc, match):
-    x = torch.randn(4, 8)
-    num, den = _coefficients()
+def test_bad_input_is_rejected_before_launch(backend, device, case, exc, match):
+    x = torch.randn(4, 8, device=device)
+    num, den = (t.to(device) for t in _coefficients())
     kwargs = dict(version="B", backend=backend)
     if case == "integer_x":
-        x = torch.ones(4, 8, dtype=torch.int32)
+        x = torch.ones(4, 8, dtype=torch.int32, device=device)
     elif case == "integer_coefficients":
         num = num.long()
     elif case == "degree_zero":
-        num = torch.zeros(1, 1)
+        num = torch.zeros(1, 1, device=device)
     elif case == "degree_nine":
-        den = torch.zeros(1, 9)
+        den = torch.zeros(1, 9, device=device)
     elif case == "groups_mismatch":
-        num, den = torch.zeros(2, 6), torch.zeros(3, 4)
+        num, den = torch.zeros(2, 6, device=device), torch.zeros(3, 4, device=device)
     elif case == "groups_do_not_divide":
-        num, den = _coefficients(groups=3)
+        num, den = (t.to(device) for t in _coefficients(groups=3))
     elif case == "three_d_coefficients":
-        num = torch.zeros(1, 1, 6)
+        num = torch.zeros(1, 1, 6, device=device)
     elif case == "bad_version":
         kwargs["version"] = "C"
     elif case == "bad_backend":
@@ -276,20 +278,20 @@ def test_torch_compile_traces_the_cpp_path():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_module_matches_reference_module_and_state_dicts_interchange(backend):
-    fused = iapt_kernels.Rational(degrees=(5, 4), init="gelu", version="B", groups=2, backend=backend)
+def test_module_matches_reference_module_and_state_dicts_interchange(backend, device):
+    fused = iapt_kernels.Rational(degrees=(5, 4), init="gelu", version="B", groups=2, backend=backend).to(device)
     ref = reference.Rational(degrees=(5, 4), init="gelu", version="B", groups=2)
     assert [n for n, _ in fused.named_parameters()] == ["numerator", "denominator"]
     assert fused.state_dict().keys() == ref.state_dict().keys()
     # The fits are made (and their errors promised) on [-3, 3].
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
-    assert (fused(x) - torch.nn.functional.gelu(x)).abs().max() < 5e-3  # the gelu init is a gelu
+    assert (fused(x.to(device)).cpu() - torch.nn.functional.gelu(x)).abs().max() < 5e-3  # a gelu init is a gelu
     with torch.no_grad():
         ref.numerator.add_(torch.randn_like(ref.numerator) * 0.1)
     fused.load_state_dict(ref.state_dict())
     ref.load_state_dict(fused.state_dict())
-    assert torch.equal(fused.numerator, ref.numerator)
-    assert rel_err(fused(x), ref(x.double())) < 1e-5
+    assert torch.equal(fused.numerator.cpu(), ref.numerator)
+    assert rel_err(fused(x.to(device)), ref(x.double())) < 1e-5
 
 
 def test_module_rejects_mismatched_state_dict():
@@ -315,7 +317,8 @@ def test_available_backends_lists_known_names():
     assert BACKENDS[-1] == "reference"
 
 
-def test_degrees_all_pairs_run_in_every_backend():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_degrees_all_pairs_run_in_every_backend(backend, device):
     # Every (m, n) in 1..8 compiles and agrees, forward and backward (fp32, small input).
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 33, generator=gen)
@@ -323,7 +326,6 @@ def test_degrees_all_pairs_run_in_every_backend():
     for m, n in itertools.product(range(1, 9), range(1, 9)):
         num, den = _make_coefficients((m, n), 1, gen)
         ref = _run(lambda a, b, c: reference.rational(a, b, c), x.double(), num.double(), den.double(), grad.double())
-        for backend in KERNEL_BACKENDS:
-            out = _run(lambda a, b, c: iapt_kernels.rational(a, b, c, backend=backend), x, num, den, grad)
-            for o, r in zip(out, ref):
-                assert rel_err(o, r) < 1e-5, (backend, m, n)
+        out = _run(lambda a, b, c: iapt_kernels.rational(a, b, c, backend=backend), x, num, den, grad, device)
+        for o, r in zip(out, ref):
+            assert rel_err(o, r) < 1e-5, (m, n)
