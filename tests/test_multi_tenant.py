@@ -150,7 +150,7 @@ REDUCED = [pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))
            for backend in KERNEL_BACKENDS for case in (TRITON_REDUCED if backend == "triton" else GRID)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16])
 @pytest.mark.parametrize("backend, mix, B, T", REDUCED)
 def test_parity_reduced_precision(dtype, backend, device, mix, B, T):
     gen = _seed("mt16", mix, B, T, str(dtype))

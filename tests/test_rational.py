@@ -77,7 +77,8 @@ def _run(fn, x, num, den, grad, device="cpu"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
+                         ids=str)
 @pytest.mark.parametrize("version", ["A", "B"])
 @pytest.mark.parametrize("degrees", DEGREES, ids=str)
 @pytest.mark.parametrize("groups", [1, 4])
@@ -317,6 +318,7 @@ def test_available_backends_lists_known_names():
     assert BACKENDS[-1] == "reference"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_degrees_all_pairs_run_in_every_backend(backend, device):
     # Every (m, n) in 1..8 compiles and agrees, forward and backward (fp32, small input).
