@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -11,8 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from iapt_kernels import fits
-from iapt_kernels._rational_fits import FITS, PUBLISHED_MAX_ERROR
-from iapt_kernels.fits import INIT_NAMES, fit_max_error, rational_init
+from iapt_kernels.fits import INIT_NAMES, _fits, fit_max_error, rational_init
+
+# The package data as shipped (iapt_kernels/data/rational_fits.json), read as a user's install reads it.
+DATA = json.loads(resources.files("iapt_kernels").joinpath("data", "rational_fits.json").read_text())
+FITS = _fits()
+PUBLISHED_MAX_ERROR = {(e["name"], e["version"], e["m"], e["n"]): e["max_error"] for e in DATA["published_max_error"]}
 
 FITTED = ("relu", "leaky_relu", "gelu", "silu", "tanh", "sigmoid")
 DEGREES = [(m, n) for m in range(1, 9) for n in range(1, 9)]
