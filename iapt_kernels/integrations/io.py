@@ -4,8 +4,8 @@
 hidden size, layer count), so an adapter refuses to load into a model it was not trained on. Every
 load error names the file it comes from. Files are written with the process umask, like any other
 file the user writes. :func:`load_iapt` also reads the ``model.safetensors`` a ``transformers.Trainer``
-writes for an :class:`IAPTModel` (``save_model()`` and its checkpoints): the module's state_dict holds
-the adapter metadata under ``_extra_state``.
+writes for an :class:`IAPTModel` (``save_model()`` and its checkpoints): the module's state_dict is the
+generators plus the adapter metadata under ``_extra_state``.
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
             return _rows(rows, what, pad_token_id)
         mask = mask.tolist() if torch.is_tensor(mask) else [list(m) for m in mask]
         return [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
-    if isinstance(ids, str) or (ids and isinstance(ids[0], str)):
-        raise TypeError(f"{what} must hold token ids, not text: tokenize first")
     if torch.is_tensor(ids):
         if ids.dim() != 2:
             raise ValueError(f"{what} as a tensor must be (B, n), got shape {tuple(ids.shape)}")
@@ -39,6 +37,8 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
                              f"{pad_token_id}: it looks padded, and the padding would count as tokens. Pass "
                              "unpadded lists, or the tokenizer output itself (with its attention_mask)")
         return [[int(t) for t in r] for r in rows]
+    if isinstance(ids, str) or (len(ids) and isinstance(ids[0], str)):
+        raise TypeError(f"{what} must hold token ids, not text: tokenize first")
     out = []
     for r in ids:
         if isinstance(r, (str, bytes)):

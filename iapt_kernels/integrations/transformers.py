@@ -209,6 +209,21 @@ def _max_positions(config) -> int | None:
     return None
 
 
+def _adapter_only_state(module, state_dict, prefix, local_metadata) -> None:
+    # The backbone is frozen and comes from its own checkpoint: a state_dict (and so every Trainer
+    # checkpoint) holds the generators and the adapter metadata only. This also keeps tied backbone
+    # weights (GPT-2's embeddings and head) out of safetensors, which refuses shared tensors.
+    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+        del state_dict[key]
+
+
+def _backbone_never_missing(module, incompatible_keys) -> None:
+    # The counterpart of _adapter_only_state: a state_dict without the backbone loads strictly.
+    names = {"model." + k for k in module.model.state_dict(keep_vars=True)}
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not any(k == n or k.endswith("." + n) for n in names)]
+
+
 class IAPTModel(nn.Module):
     """A frozen causal LM with one IAPT soft-prompt generator per decoder layer.
 
@@ -231,10 +246,11 @@ class IAPTModel(nn.Module):
     ``instruction_mask`` must not be True on padding; the sequence must fit the backbone's position
     embeddings. Each failure is a ``ValueError`` that names the rows and the fix.
 
-    :meth:`save_pretrained` writes the adapter (as :func:`iapt_kernels.save_iapt`), and the module's
-    ``state_dict`` carries the adapter's metadata (key ``_extra_state``), so the single
-    ``model.safetensors`` a ``transformers.Trainer`` writes for it is also readable by
-    :func:`iapt_kernels.load_iapt`.
+    :meth:`save_pretrained` writes the adapter (as :func:`iapt_kernels.save_iapt`). ``state_dict()``
+    holds the adapter only, the generators and their metadata (key ``_extra_state``), never the
+    frozen backbone; ``load_state_dict`` of such a dict is strict about the generators and checks the
+    metadata. So the ``model.safetensors`` a ``transformers.Trainer`` writes (``save_model()`` and
+    every checkpoint) is the adapter, readable by :func:`iapt_kernels.load_iapt`.
     """
 
     def __init__(self, model: nn.Module, config: IAPTConfig) -> None:
@@ -295,6 +311,8 @@ class IAPTModel(nn.Module):
         self._handles.append(model.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._backbone_post_hook))
         model._iapt_hooked = True
+        self.register_state_dict_post_hook(_adapter_only_state)
+        self.register_load_state_dict_post_hook(_backbone_never_missing)
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
