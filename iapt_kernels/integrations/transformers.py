@@ -180,6 +180,28 @@ def _build_groups(tenant_ids, num_tenants):
     return tg.build(tenant_ids, num_tenants)
 
 
+def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor) -> torch.Tensor:
+    """``P (B, L, d)`` of a stacked multi-tenant generator, for code under ``torch.compile``.
+
+    Grouping requests by tenant (``TenantGroups``) makes shapes depend on the data, which a
+    ``fullgraph=True`` compile cannot trace. Here every tenant's generator runs on the whole batch
+    and each row keeps its own tenant's prompts (rows of tenant -1 get zeros): ``T`` times the
+    generator's work, static shapes, no host synchronisation. Gradients reach only the tenant of
+    each row. Eager mode keeps the grouped kernels.
+    """
+    from .. import functional as F_
+
+    backend = getattr(gen, "backend", "auto")
+    out = None
+    for t in range(gen.num_tenants):
+        u = F_.attention_pool(hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend)
+        g = F_.rational(u, gen.act.numerator[t], gen.act.denominator[t], version=gen.version, backend=backend)
+        p = torch.nn.functional.linear(g, gen.up.weight[t], gen.up.bias[t])
+        out = torch.zeros_like(p) if out is None else out
+        out = torch.where((tenant_ids == t)[:, None, None], p, out)
+    return out
+
+
 def _cache_length(pkv) -> int:
     if pkv is None:
         return 0
@@ -420,7 +442,9 @@ class IAPTModel(nn.Module):
         p0 = next(gen.parameters())
         h = hidden if hidden.dtype == p0.dtype else hidden.to(p0.dtype)
         if self._mt_call:
-            if state.groups is not None:  # built once per batch; no per-layer regrouping or id checks
+            if torch.compiler.is_compiling():
+                prompts = _every_tenant(gen, h, state.instruction_mask, state.tenant_ids)
+            elif state.groups is not None:  # built once per batch; no per-layer regrouping or id checks
                 prompts = gen(h, state.instruction_mask, groups=state.groups)
             else:
                 prompts = gen(h, state.instruction_mask, state.tenant_ids)
@@ -519,7 +543,8 @@ class IAPTModel(nn.Module):
             _require(labels.to(ref.device).gather(1, slot_index) == -100,
                      f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
                      f"after the instruction, so the prompts would overwrite response tokens; {fix}")
-        groups = _build_groups(tenant_ids, T) if self._groups_kw else None
+        # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
+        groups = _build_groups(tenant_ids, T) if self._groups_kw and not torch.compiler.is_compiling() else None
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
 
     def _position_ids(self, attention_mask, kwargs):
