@@ -177,27 +177,25 @@ def save_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
         raise TypeError(f"save_iapt needs an IAPTModel (from apply_iapt), got {type(model).__name__}")
     cfg = model.iapt_config
     T = cfg.num_tenants
-    gens = list(model.generators)
-    if state_dict is not None:
-        prefix = next((k[: k.index("generators.")] for k in state_dict if "generators." in k), "")
-        gens = []
-        for l, g in enumerate(model.generators):
-            sd = {k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
-            gens.append(sd)
-    def sd_of(g):
-        return g if isinstance(g, dict) else g.state_dict()
-    if tenant is None or T == 1:
+    if state_dict is not None:  # e.g. the full state dict FSDP or a Trainer gathered
+        prefix = next((k[: k.index("generators.")] for k in state_dict if "generators." in k), None)
+        if prefix is None:
+            raise ValueError("the state_dict given to save_iapt holds no generators.* entries")
+        layers = [{k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
+                  for l, g in enumerate(model.generators)]
+    else:
+        layers = [g.state_dict() for g in model.generators]
+    if tenant is not None and T > 1:
+        _check_tenant(tenant, T)
+        # tenant t of every stacked (T, ...) parameter, in the single-tenant generator's shapes
+        shapes = {k: v.shape for k, v in _tenant_generator(model.generators[0], 0).state_dict().items()}
+        layers = [{k: _full_tensor(v)[tenant].reshape(shapes[k]) for k, v in sd.items()} for sd in layers]
+        out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
+    else:
         if tenant is not None:
             _check_tenant(tenant, 1)
-        state = {f"{l}.{k}": _full_tensor(v) for l, g in enumerate(gens) for k, v in sd_of(g).items()}
         out_cfg = IAPTConfig.from_dict(cfg.to_dict())
-    else:
-        _check_tenant(tenant, T)
-        state = {f"{l}.{k}": _full_tensor(v)[tenant] for l, g in enumerate(gens) for k, v in sd_of(g).items()}
-        single = model.generators[0].generator(0).state_dict() if hasattr(model.generators[0], "generator") else None
-        if single is not None:  # stacked (T, ...) -> the single generator's shapes
-            state = {k: v.reshape(single[k.partition(".")[2]].shape) for k, v in state.items()}
-        out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
+    state = {f"{l}.{k}": _full_tensor(v) for l, sd in enumerate(layers) for k, v in sd.items()}
     if not _rank0():
         return
     # clone: shared projections are the same tensor under several keys, which safetensors refuses
