@@ -3,7 +3,7 @@
 Public API:
     rational, Rational, rational_init, attention_pool, PromptGenerator, MultiTenantPromptGenerator,
     TenantGroups, available_backends, and for Hugging Face models IAPTConfig, IAPTModel, apply_iapt,
-    insert_prompt_slots, save_iapt, load_iapt (transformers is imported lazily)
+    insert_prompt_slots, save_iapt, load_iapt, IAPTDataCollator (transformers is imported lazily)
 
 Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
@@ -24,6 +24,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Hugging Face integration (DESIGN.md section 4, integrations/): transformers is imported lazily.
-from .integrations import IAPTConfig, IAPTModel, apply_iapt, insert_prompt_slots, load_iapt, save_iapt  # noqa: E402
+from .integrations import (  # noqa: E402
+    IAPTConfig, IAPTDataCollator, IAPTModel, apply_iapt, insert_prompt_slots, load_iapt, save_iapt)
 
-__all__ += ["IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt"]
+__all__ += ["IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt", "IAPTDataCollator"]

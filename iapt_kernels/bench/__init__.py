@@ -2,7 +2,7 @@
 
     iapt-bench                      # CPU: every op, the GPU cost model, the IAPT-vs-LoRA serving run;
                                     # writes bench-out/{report.md, results.json, results.csv, *.png}
-    iapt-bench --quick --no-e2e     # a smoke run
+    iapt-bench --quick              # a smoke test that every part runs (about a minute; not a measurement)
     iapt-bench --device cuda        # times with triton.testing.do_bench
 
 Three parts, one progress bar:
@@ -84,7 +84,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     if args.device == "cpu":
         notes.append(_configure_malloc(args.malloc))
     load0 = _load()
-    cases = default_cases(args.device, quick=args.quick, compiled=not args.no_compile) if not args.no_ops else []
+    # --quick is a smoke test: torch.compile alone takes minutes per case on a small CPU machine.
+    compiled = not args.no_compile and not args.quick
+    if args.quick:
+        notes.append("Quick run: a smoke test that every part runs, not a measurement. Sizes are tiny, each "
+                     "timing is a few calls, torch.compile(reference) is not timed; speedups and throughputs "
+                     "below are dominated by fixed overheads and noise, so draw no conclusion from them: run "
+                     "`iapt-bench` without --quick for figures.")
+    cases = default_cases(args.device, quick=args.quick, compiled=compiled) if not args.no_ops else []
     if not multi_tenant_available():
         notes.append("multi_tenant_generator is not benchmarked: iapt_kernels.MultiTenantPromptGenerator "
                      "(or its reference twin) is not importable in this installation.")
@@ -106,10 +113,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         bar = tqdm(total=total, desc="iapt-bench", unit="step", file=sys.stderr, dynamic_ncols=True)
     try:
         timer = None
-        if args.min_time is not None and args.device == "cpu":
+        min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else None)
+        if min_time is not None and args.device == "cpu":
             import functools
 
-            timer = functools.partial(time_cpu, min_time=args.min_time, min_reps=3 if args.min_time < 0.1 else 5)
+            timer = functools.partial(time_cpu, min_time=min_time, min_reps=3 if min_time < 0.1 else 5)
         records = run_cases(cases, args.device, progress=bar if bar is not None else False, timer=timer)
         model = cost.model_rows(specs, model_dtypes, progress=bar)
         def key(rec):
@@ -144,7 +152,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     command = ("iapt-bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     result = {
         "machine": machine_description(args.device), "date": stamp, "command": command,
-        "wall_s": time.perf_counter() - start, "notes": notes, "ops": records, "model": model,
+        "wall_s": time.perf_counter() - start, "quick": bool(args.quick), "notes": notes, "ops": records, "model": model,
         "e2e": e2e["records"] if e2e else [], "e2e_base": e2e["base"] if e2e else None,
         "e2e_setup": e2e["setup"] if e2e else None, "e2e_errors": e2e["errors"] if e2e else [],
         "e2e_run": e2e,
@@ -165,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", default="bench-out",
                    help="write report.md, results.json, results.csv, model.csv, e2e.csv and plots here "
                         "(default: bench-out)")
-    p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test (about a minute): tiny sizes, few calls, no torch.compile timings; "
+                        "its figures are not a measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 
 SHAPE_NAMES = {
     "rational": "numel",
@@ -251,7 +252,8 @@ def plot_speedups(records: list[dict], path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{op}: speedup over eager reference" + (" (round-robin tenants)" if op.startswith("multi") else ""))
+        ax.set_title(f"{op}: speedup over eager reference" + ("\n(round-robin tenants)" if op.startswith("multi") else ""),
+                     fontsize=10)
         ax.set_xlabel("input elements (x, or H = B*S*d)")
         ax.set_ylabel("speedup (x, higher is faster)")
         ax.legend(fontsize=8)
@@ -306,11 +308,12 @@ def plot_e2e(e2e: dict, key: str, ylabel: str, title: str, path: str) -> None:
         ax.axhline(e2e["base"][key], color="grey", ls="--", lw=1, label="frozen backbone, no adapter")
     ax.set_xscale("log", base=2)
     ticks = sorted({r["tenants"] for r in e2e["records"]})
+    ax.minorticks_off()  # log-scale minor labels overlap the tenant counts
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks])
     ax.set_xlabel(f"number of tenants among the {e2e['setup']['requests']} requests")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
     ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -357,10 +360,12 @@ def write_outputs(out_dir: str, result: dict) -> list[str]:
         plots.append(("GPU cost model: fused/reference bytes and modelled H100 speedup", "model_h100.png"))
     if e2e and e2e["records"]:
         write_csv(path("e2e.csv"), ([e2e["base"]] if e2e.get("base") else []) + e2e["records"])
-        plot_e2e(e2e, "tokens_per_s", "decode throughput (tokens/s, all 16 requests)",
-                 "Decode throughput vs tenants: IAPT vs multi-LoRA", path("e2e_decode.png"))
-        plot_e2e(e2e, "prefill_ms", "prefill time (ms, one batch of 16)",
-                 "Prefill time vs tenants: IAPT vs multi-LoRA", path("e2e_prefill.png"))
+        n = e2e["setup"]["requests"]
+        smoke = " (quick run: smoke test, not a measurement)" if result.get("quick") else ""
+        plot_e2e(e2e, "tokens_per_s", f"decode throughput (tokens/s, all {n} requests)",
+                 f"Decode throughput vs tenants: IAPT vs multi-LoRA{smoke}", path("e2e_decode.png"))
+        plot_e2e(e2e, "prefill_ms", f"prefill time (ms, one batch of {n})",
+                 f"Prefill time vs tenants: IAPT vs multi-LoRA{smoke}", path("e2e_prefill.png"))
     with open(path("report.md"), "w") as f:
         f.write(render_markdown(result, e2e))
     return written
@@ -373,10 +378,15 @@ def render_markdown(result: dict, e2e: dict | None) -> str:
          f"Machine: {result['machine']}  ",
          f"Date: {result['date']}  ",
          f"Wall time of the run: {result.get('wall_s', 0):.0f} s\n"]
+    quick = bool(result.get("quick"))
+    if quick:
+        L.append("**Quick run: a smoke test, not a measurement.** It checks that every part of the benchmark runs; "
+                 "at its tiny sizes and few calls the figures below are fixed overheads and noise. No conclusion "
+                 "is drawn from them; run `iapt-bench` without `--quick` to measure.\n")
     L.append("## Summary\n")
-    for s in op_sentences(ops):
+    for s in ([] if quick else op_sentences(ops)):
         L.append(f"- {s}")
-    if e2e and e2e["records"]:
+    if e2e and e2e["records"] and not quick:
         L.append(f"- End to end, {e2e['setup']['requests']} requests of {e2e['setup']['prompt_len']} prompt tokens "
                  f"and {e2e['setup']['new_tokens']} new tokens, greedy, on the tiny Llama "
                  "(as measured on this machine):")
@@ -430,7 +440,7 @@ def render_markdown(result: dict, e2e: dict | None) -> str:
                  f"Median of {st['repeats']} runs after a warm-up, {st['threads']} threads.\n")
         if e2e["records"]:
             L.append(e2e_table(e2e) + "\n")
-            for s in e2e_sentences(e2e):
+            for s in ([] if quick else e2e_sentences(e2e)):
                 L.append(f"- {s}")
             L.append("")
             L.append("![decode throughput vs tenants](e2e_decode.png)\n")

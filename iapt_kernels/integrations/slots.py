@@ -7,33 +7,76 @@ replaced by that layer's soft prompts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping
 
 import torch
 
 __all__ = ["insert_prompt_slots", "slot_positions"]
 
 
+def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
+    """Token-id rows from lists, a tensor, or tokenizer output; padding is refused or stripped."""
+    if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding / dict: strip its padding by its mask
+        if "input_ids" not in ids:
+            raise ValueError(f"{what} is a mapping without 'input_ids'; pass token-id lists or tokenizer output")
+        rows, mask = ids["input_ids"], ids.get("attention_mask")
+        rows = rows.tolist() if torch.is_tensor(rows) else [list(r) for r in rows]
+        if mask is None:
+            return _rows(rows, what, pad_token_id)
+        mask = mask.tolist() if torch.is_tensor(mask) else [list(m) for m in mask]
+        return [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
+    if torch.is_tensor(ids):
+        if ids.dim() != 2:
+            raise ValueError(f"{what} as a tensor must be (B, n), got shape {tuple(ids.shape)}")
+        rows = ids.tolist()
+        # A (B, n) tensor is almost always a padded batch, and pad tokens taken for instruction or
+        # response tokens would silently shift the slots: refuse it unless no row touches a pad id.
+        padded = [i for i, r in enumerate(rows) if r and (r[0] == pad_token_id or r[-1] == pad_token_id)]
+        if padded:
+            raise ValueError(f"{what} is a (B, n) tensor whose rows {padded} start or end with pad_token_id="
+                             f"{pad_token_id}: it looks padded, and the padding would count as tokens. Pass "
+                             "unpadded lists, or the tokenizer output itself (with its attention_mask)")
+        return [[int(t) for t in r] for r in rows]
+    if isinstance(ids, str) or (len(ids) and isinstance(ids[0], str)):
+        raise TypeError(f"{what} must hold token ids, not text: tokenize first")
+    out = []
+    for r in ids:
+        if isinstance(r, (str, bytes)):
+            raise TypeError(f"{what} must hold lists of token ids, got a {type(r).__name__} row")
+        out.append([int(t) for t in (r.tolist() if torch.is_tensor(r) else r)])
+    return out
+
+
 def insert_prompt_slots(
-    instruction_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]] | None = None,
+    instruction_ids,
+    response_ids=None,
     *,
     num_tokens: int,
     pad_token_id: int,
     slot_token_id: int | None = None,
     padding_side: str = "right",
+    max_length: int | None = None,
+    truncation_side: str = "left",
 ) -> dict[str, torch.Tensor]:
     """Lay out a batch as ``[instruction][num_tokens slots][response]`` and pad it.
 
     Args:
-        instruction_ids: one list of token ids per example (may be empty).
-        response_ids: optional, one list of token ids per example (same length as
-            ``instruction_ids``); for training, or ``None`` for generation prompts.
-        num_tokens: ``L``, the number of soft tokens (slots) per example.
+        instruction_ids: one list of token ids per example (may be empty), or a tokenizer's output
+            (``BatchEncoding`` / dict with ``input_ids`` and ``attention_mask``: its padding is
+            stripped by the mask). A padded ``(B, n)`` tensor without its mask is refused.
+        response_ids: optional, the same forms, one row per example; for training, or ``None`` for
+            generation prompts.
+        num_tokens: ``L``, the number of soft tokens (slots) per example; must be the model's
+            ``IAPTConfig.num_tokens`` (the model checks that the slots it uses are slot tokens).
         pad_token_id: token id written at padding positions.
         slot_token_id: token id written at slot positions (its embedding is replaced before the
             first layer, so any valid id works); defaults to ``pad_token_id``.
         padding_side: ``"right"`` (training) or ``"left"`` (batched generation).
+        max_length: optional cap on each row's length (instruction + slots + response), e.g. the
+            model's ``max_position_embeddings``. Longer rows lose instruction tokens first, from
+            ``truncation_side``, down to one; then response tokens from the end. The slots are never cut.
+        truncation_side: ``"left"`` (default: drop the start of the instruction, keep the part next
+            to the slots) or ``"right"`` (drop the end of the instruction).
 
     Returns:
         A dict of ``(B, S)`` tensors: ``input_ids`` (long), ``attention_mask`` (long, 1 on real and
@@ -43,19 +86,32 @@ def insert_prompt_slots(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
-    instruction_ids = [list(map(int, x)) for x in instruction_ids]
+    if max_length is not None and (not isinstance(max_length, int) or max_length < num_tokens + 1):
+        raise ValueError(f"max_length must be an int >= num_tokens + 1 = {num_tokens + 1} (one instruction token "
+                         f"and the slots), got {max_length!r}")
+    instruction_ids = _rows(instruction_ids, "instruction_ids", pad_token_id)
     if len(instruction_ids) == 0:
         raise ValueError("insert_prompt_slots needs at least one example")
     if response_ids is not None:
-        response_ids = [list(map(int, x)) for x in response_ids]
+        response_ids = _rows(response_ids, "response_ids", pad_token_id)
         if len(response_ids) != len(instruction_ids):
             raise ValueError(f"got {len(instruction_ids)} instructions but {len(response_ids)} responses")
     slot = pad_token_id if slot_token_id is None else slot_token_id
     rows = []
     for i, ins in enumerate(instruction_ids):
         resp = response_ids[i] if response_ids is not None else []
+        if max_length is not None:
+            over = len(ins) + num_tokens + len(resp) - max_length
+            cut = min(max(over, 0), max(len(ins) - 1, 0))
+            if cut:
+                ins = ins[cut:] if truncation_side == "left" else ins[:len(ins) - cut]
+            over -= cut
+            if over > 0:
+                resp = resp[:len(resp) - over]
         ids = ins + [slot] * num_tokens + resp
         instr = [True] * len(ins) + [False] * (num_tokens + len(resp))
         labels = [-100] * (len(ins) + num_tokens) + resp
@@ -79,6 +135,26 @@ def insert_prompt_slots(
     return out
 
 
+def _require(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless every element of the bool tensor ``ok`` is True.
+
+    Eager: one host read per check, once per batch, and the message names the failing rows. Under
+    ``torch.compile`` the check becomes an asynchronous assert in the graph, so validation neither
+    breaks the graph nor synchronises.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+        return
+    if bool(ok.all()):
+        return
+    if ok.dim() >= 1:
+        bad = (~ok).reshape(ok.shape[0], -1).any(1).nonzero().flatten().tolist()
+        message = f"{message} (rows {bad})"
+    raise ValueError(message)
+
+
+
+
 def slot_positions(
     instruction_mask: torch.Tensor,
     num_tokens: int,
@@ -100,28 +176,25 @@ def slot_positions(
         if slot_mask.shape != (B, S):
             raise ValueError(f"slot_mask must have shape {(B, S)} like instruction_mask, got {tuple(slot_mask.shape)}")
         slot_mask = slot_mask.bool()
-        counts = slot_mask.sum(1)
-        if not bool((counts == num_tokens).all()):
-            raise ValueError(f"slot_mask must have exactly num_tokens={num_tokens} True positions per row, "
-                             f"got {counts.tolist()}")
+        _require(slot_mask.sum(1) == num_tokens, f"slot_mask must have exactly num_tokens={num_tokens} True "
+                 "positions per row")
+        # The first num_tokens True positions of each row, in order, without a data-dependent shape.
         pos = torch.arange(S, device=device).expand(B, S)
-        return pos[slot_mask].view(B, num_tokens)
+        key = torch.where(slot_mask, pos, pos + S)
+        return key.sort(1).values[:, :num_tokens]
     instr = instruction_mask.bool()
     ar = torch.arange(S, device=device)
     has_instr = instr.any(1)
     last = torch.where(instr, ar, torch.full_like(ar, -1)).amax(1)  # (B,)
     start = last + 1
-    if not bool(has_instr.all()):
-        if attention_mask is not None:
-            att = attention_mask.bool()
-            first = torch.where(att, ar, torch.full_like(ar, S)).amin(1)
-            first = torch.where(first == S, torch.zeros_like(first), first)
-        else:
-            first = torch.zeros_like(start)
-        start = torch.where(has_instr, start, first)
+    if attention_mask is not None:
+        att = attention_mask.bool()
+        first = torch.where(att, ar, torch.full_like(ar, S)).amin(1)
+        first = torch.where(first == S, torch.zeros_like(first), first)
+    else:
+        first = torch.zeros_like(start)
+    start = torch.where(has_instr, start, first)
     index = start[:, None] + torch.arange(num_tokens, device=device)
-    if bool((index >= S).any()):
-        bad = (index >= S).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"rows {bad} have no room for {num_tokens} slot tokens after the instruction "
-                         f"(sequence length {S}); lay inputs out with insert_prompt_slots")
+    _require(index < S, f"no room for {num_tokens} slot tokens after the instruction (sequence length {S}); lay "
+             f"inputs out with insert_prompt_slots(num_tokens={num_tokens})")
     return index

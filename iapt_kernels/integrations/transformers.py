@@ -8,14 +8,19 @@ out of place, at the ``L`` slot positions (DESIGN.md section 1). No modeling cod
 same code path serves Llama, Mistral, Qwen2, GPT-2 and any model whose layers take the hidden
 states as their first argument (or as ``hidden_states=``).
 
-With a KV cache only the prefill contains slots: a pre-hook on the backbone arms the layer hooks
-for the prefill call of :meth:`IAPTModel.generate` only, so decode steps never call a generator.
+Inside :meth:`IAPTModel.generate` a pre-hook on the backbone decides per backbone call: a call that
+covers the whole prompt from position 0 (the prefill; every step when ``use_cache=False``; the first
+call of assisted or prompt-lookup decoding) applies the prompts, a call that starts after the prompt
+(a decode step with a KV cache) never calls a generator, and a call that starts inside the prompt is
+an error. Outside :meth:`IAPTModel.forward` and :meth:`IAPTModel.generate` the hooks do nothing, so
+the backbone called directly is always the bare backbone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .slots import slot_positions
+from .slots import _require, slot_positions
 
 __all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers"]
 
@@ -67,6 +72,7 @@ class IAPTConfig:
             raise ValueError(f"IAPTConfig.version must be 'A' or 'B', got {self.version!r}")
         if self.backend not in _backend.BACKENDS:
             raise ValueError(f"IAPTConfig.backend must be one of {_backend.BACKENDS}, got {self.backend!r}")
+        _check_tokens_for_backend(self.num_tokens, self.backend)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``degrees`` as a list)."""
@@ -82,6 +88,16 @@ class IAPTConfig:
         if unknown:
             raise ValueError(f"unknown IAPTConfig keys: {sorted(unknown)}")
         return cls(**d)
+
+
+def _check_tokens_for_backend(num_tokens: int, backend: str) -> None:
+    # The fused kernels are compiled for L up to MAX_TOKENS: say so when the config is made, not at
+    # the first forward.
+    from ..ops.attention_pool import MAX_TOKENS
+
+    if backend != "reference" and num_tokens > MAX_TOKENS:
+        raise ValueError(f"num_tokens={num_tokens} exceeds the {MAX_TOKENS} soft tokens the fused kernels support "
+                         f"(backend={backend!r}): use num_tokens <= {MAX_TOKENS}, or backend='reference'")
 
 
 def _text_config(config):
@@ -121,7 +137,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class _SlotState:
-    """What the layer hooks need for one forward (or the prefill of one generate)."""
+    """What the layer hooks need for one backbone call: where the prompts go and whose they are."""
 
     __slots__ = ("instruction_mask", "slot_index", "tenant_ids", "groups", "rows", "cols", "keep")
 
@@ -131,22 +147,26 @@ class _SlotState:
         self.tenant_ids = tenant_ids
         self.groups = groups
         B, L = slot_index.shape
-        rows = torch.arange(B, device=slot_index.device)
-        self.keep = None
-        if tenant_ids is not None:
-            keep = tenant_ids >= 0
-            if not bool(keep.all()):
-                self.keep = keep
-                rows = rows[keep]
-                slot_index = slot_index[keep]
-        self.rows = rows[:, None].expand(-1, L).reshape(-1)
+        self.rows = torch.arange(B, device=slot_index.device)[:, None].expand(-1, L).reshape(-1)
         self.cols = slot_index.reshape(-1)
+        # Rows of tenant -1 keep their hidden states. They are selected with `where`, not by indexing
+        # the kept rows out, so no shape depends on the data: no host sync, nothing for torch.compile
+        # to break on.
+        self.keep = None if tenant_ids is None else (tenant_ids >= 0).repeat_interleave(L)[:, None]
 
     def expand(self, k: int, num_tenants: int) -> "_SlotState":
         """The same state for a batch whose rows are each repeated ``k`` times (beams, samples)."""
         t = None if self.tenant_ids is None else self.tenant_ids.repeat_interleave(k)
         return _SlotState(self.instruction_mask.repeat_interleave(k, 0), self.slot_index.repeat_interleave(k, 0),
                           t, _build_groups(t, num_tenants) if self.groups is not None else None)
+
+    def widen(self, q: int) -> "_SlotState":
+        """The same state for a call over the prompt followed by ``q - S`` generated tokens."""
+        B, S = self.instruction_mask.shape
+        if q == S:
+            return self
+        pad = self.instruction_mask.new_zeros((B, q - S))
+        return _SlotState(torch.cat([self.instruction_mask, pad], 1), self.slot_index, self.tenant_ids, self.groups)
 
 
 def _build_groups(tenant_ids, num_tenants):
@@ -158,6 +178,28 @@ def _build_groups(tenant_ids, num_tenants):
     if tg is None:
         return None
     return tg.build(tenant_ids, num_tenants)
+
+
+def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor) -> torch.Tensor:
+    """``P (B, L, d)`` of a stacked multi-tenant generator, for code under ``torch.compile``.
+
+    Grouping requests by tenant (``TenantGroups``) makes shapes depend on the data, which a
+    ``fullgraph=True`` compile cannot trace. Here every tenant's generator runs on the whole batch
+    and each row keeps its own tenant's prompts (rows of tenant -1 get zeros): ``T`` times the
+    generator's work, static shapes, no host synchronisation. Gradients reach only the tenant of
+    each row. Eager mode keeps the grouped kernels.
+    """
+    from .. import functional as F_
+
+    backend = getattr(gen, "backend", "auto")
+    out = None
+    for t in range(gen.num_tenants):
+        u = F_.attention_pool(hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend)
+        g = F_.rational(u, gen.act.numerator[t], gen.act.denominator[t], version=gen.version, backend=backend)
+        p = torch.nn.functional.linear(g, gen.up.weight[t], gen.up.bias[t])
+        out = torch.zeros_like(p) if out is None else out
+        out = torch.where((tenant_ids == t)[:, None, None], p, out)
+    return out
 
 
 def _cache_length(pkv) -> int:
@@ -179,6 +221,31 @@ def _checkpointing(model) -> bool:
     return False
 
 
+def _max_positions(config) -> int | None:
+    """The longest sequence the backbone's position embeddings cover (``None``: no stated limit)."""
+    tcfg = _text_config(config) if config is not None else None
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(tcfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _adapter_only_state(module, state_dict, prefix, local_metadata) -> None:
+    # The backbone is frozen and comes from its own checkpoint: a state_dict (and so every Trainer
+    # checkpoint) holds the generators and the adapter metadata only. This also keeps tied backbone
+    # weights (GPT-2's embeddings and head) out of safetensors, which refuses shared tensors.
+    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+        del state_dict[key]
+
+
+def _backbone_never_missing(module, incompatible_keys) -> None:
+    # The counterpart of _adapter_only_state: a state_dict without the backbone loads strictly.
+    names = {"model." + k for k in module.model.state_dict(keep_vars=True)}
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not any(k == n or k.endswith("." + n) for n in names)]
+
+
 class IAPTModel(nn.Module):
     """A frozen causal LM with one IAPT soft-prompt generator per decoder layer.
 
@@ -189,14 +256,35 @@ class IAPTModel(nn.Module):
     :meth:`forward` and :meth:`generate` take, besides the backbone's own arguments,
     ``instruction_mask (B, S)`` bool (True on instruction tokens), optionally ``slot_mask (B, S)``
     (exactly ``L`` True per row; default: the ``L`` positions right after each row's last instruction
-    token) and ``tenant_ids (B,)`` long (required when ``num_tenants > 1``; ``-1`` leaves a row
-    untouched: the frozen backbone exactly).
+    token) and ``tenant_ids (B,)`` long (required when ``num_tenants > 1``).
+
+    Tenant ``-1`` means no adapter. In :meth:`forward` such a row is the frozen backbone on the row
+    exactly as given, slot tokens included (they keep their token embeddings). In :meth:`generate`
+    such a row is the frozen backbone on its instruction alone, as if it had no slot tokens: its slot
+    tokens are moved into its (masked) left padding, so its output is the base model's.
+
+    The layout is checked once per batch, before any layer runs: slots must lie inside the sequence,
+    on attended positions, off the instruction, and (with ``labels``) on positions without a label;
+    ``instruction_mask`` must not be True on padding; the sequence must fit the backbone's position
+    embeddings. Each failure is a ``ValueError`` that names the rows and the fix.
+
+    :meth:`save_pretrained` writes the adapter (as :func:`iapt_kernels.save_iapt`). ``state_dict()``
+    holds the adapter only, the generators and their metadata (key ``_extra_state``), never the
+    frozen backbone; ``load_state_dict`` of such a dict is strict about the generators and checks the
+    metadata. So the ``model.safetensors`` a ``transformers.Trainer`` writes (``save_model()`` and
+    every checkpoint) is the adapter, readable by :func:`iapt_kernels.load_iapt`.
     """
 
     def __init__(self, model: nn.Module, config: IAPTConfig) -> None:
         super().__init__()
         if not isinstance(config, IAPTConfig):
             raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
+        if isinstance(model, IAPTModel):
+            raise TypeError("apply_iapt got a model that is already an IAPTModel; wrap the backbone once (to start "
+                            "over with another config: apply_iapt(model.remove_hooks(), config))")
+        if getattr(model, "_iapt_hooked", False):
+            raise TypeError(f"this {type(model).__name__} already carries the hooks of another IAPTModel; call "
+                            "remove_hooks() on that IAPTModel first")
         self.model = model
         self.iapt_config = config
         self._layer_name, layers = find_decoder_layers(model)
@@ -206,6 +294,10 @@ class IAPTModel(nn.Module):
             raise ValueError(f"cannot find hidden_size in the config of {type(model).__name__}")
         self.hidden_size = int(hidden)
         self.num_layers = len(layers)
+        self.max_positions = _max_positions(getattr(model, "config", None))
+        if self.max_positions is not None and config.num_tokens >= self.max_positions:
+            raise ValueError(f"num_tokens={config.num_tokens} leaves no room for an instruction in the "
+                             f"{self.max_positions} positions of {type(model).__name__}")
         for p in model.parameters():
             p.requires_grad_(False)
         param = next(model.parameters(), None)
@@ -227,13 +319,22 @@ class IAPTModel(nn.Module):
                 self._groups_kw = "groups" in inspect.signature(self.generators[0].forward).parameters
             except (TypeError, ValueError):
                 self._groups_kw = False
+        try:
+            self._position_ids_kw = "position_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self._position_ids_kw = False
         self._state: _SlotState | None = None  # armed: layer hooks replace slots
-        self._pending: _SlotState | None = None  # generate: armed at the prefill call
-        self._pending_len = 0
+        self._calling = False  # inside forward's own backbone call
+        self._gen: _SlotState | None = None  # inside generate: the prompt's state
+        self._gen_states: dict = {}
+        self._gen_applied = False
         self._handles = [layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
                          for i, layer in enumerate(layers)]
         self._handles.append(model.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._backbone_post_hook))
+        model._iapt_hooked = True
+        self.register_state_dict_post_hook(_adapter_only_state)
+        self.register_load_state_dict_post_hook(_backbone_never_missing)
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
@@ -262,12 +363,15 @@ class IAPTModel(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if getattr(self.model, "_iapt_hooked", False):
+            del self.model._iapt_hooked
         return self.model
 
     def set_backend(self, backend: str) -> "IAPTModel":
         """Switch every generator (and its activation) to ``backend``; returns ``self``."""
         if backend not in _backend.BACKENDS:
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        _check_tokens_for_backend(self.iapt_config.num_tokens, backend)
         for m in self.generators.modules():
             if hasattr(m, "backend") and isinstance(getattr(m, "backend"), str):
                 m.backend = backend
@@ -277,6 +381,35 @@ class IAPTModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         """Number of parameters that require grad (the generators' parameters, shared ones once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs) -> None:
+        """Save the adapter to ``save_directory``, as :func:`iapt_kernels.save_iapt` does.
+
+        Writes ``adapter_model.safetensors`` (the generators) and ``iapt_config.json`` (the
+        :class:`IAPTConfig` and the base model's architecture, hidden size and layer count); never the
+        frozen backbone, which you reload from where it came from. ``state_dict`` (a full state dict of
+        this module, as FSDP or ``Trainer`` gather it) supplies the generator weights when given;
+        ``is_main_process=False`` writes nothing. Other ``save_pretrained`` arguments of
+        ``transformers`` (``safe_serialization``, ``max_shard_size``, ...) are accepted and ignored.
+        """
+        from .io import save_iapt
+
+        if is_main_process:
+            save_iapt(self, save_directory, state_dict=state_dict)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The adapter metadata as a uint8 tensor of JSON (``state_dict`` key ``_extra_state``)."""
+        from .io import adapter_metadata
+
+        data = json.dumps(adapter_metadata(self), sort_keys=True).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Check that metadata saved by :meth:`get_extra_state` fits this model (``load_state_dict``)."""
+        from .io import check_metadata, decode_metadata
+
+        check_metadata(self, decode_metadata(state, "the state_dict's _extra_state"), "the state_dict")
 
     # ----------------------------------------------------------------- hooks
     def _make_layer_hook(self, index: int):
@@ -309,43 +442,63 @@ class IAPTModel(nn.Module):
         p0 = next(gen.parameters())
         h = hidden if hidden.dtype == p0.dtype else hidden.to(p0.dtype)
         if self._mt_call:
-            if self._groups_kw and state.groups is not None:
-                prompts = gen(h, state.instruction_mask, state.tenant_ids, groups=state.groups)
+            if torch.compiler.is_compiling():
+                prompts = _every_tenant(gen, h, state.instruction_mask, state.tenant_ids)
+            elif state.groups is not None:  # built once per batch; no per-layer regrouping or id checks
+                prompts = gen(h, state.instruction_mask, groups=state.groups)
             else:
                 prompts = gen(h, state.instruction_mask, state.tenant_ids)
         else:
             prompts = gen(h, state.instruction_mask)
-        if state.keep is not None:
-            prompts = prompts[state.keep]
         values = prompts.reshape(-1, prompts.shape[-1]).to(hidden.dtype)
+        if state.keep is not None:
+            values = torch.where(state.keep, values, hidden[state.rows, state.cols])
         return hidden.index_put((state.rows, state.cols), values)  # out of place
 
     def _backbone_pre_hook(self, module, args, kwargs):
-        pending = self._pending
-        if pending is None:
+        if self._calling:
+            return None
+        base = self._gen
+        if base is None:
+            # The backbone called directly (not through forward/generate), e.g. after a checkpointed
+            # training step that kept its state for the backward: always the bare backbone.
+            self._state = None
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         if ids is None:
             return None
-        q = ids.shape[1]
-        if q == pending.instruction_mask.shape[1] and _cache_length(kwargs.get("past_key_values")) == 0:
-            B = pending.instruction_mask.shape[0]
-            nb = ids.shape[0]
-            if nb % B:
-                raise RuntimeError(f"IAPT generate: prefill batch {nb} is not a multiple of {B}")
-            self._state = pending if nb == B else pending.expand(nb // B, self.iapt_config.num_tenants)
-            self._pending = None  # one prefill per generate call
+        nb, q = ids.shape[0], ids.shape[1]
+        B, S = base.instruction_mask.shape
+        past = _cache_length(kwargs.get("past_key_values"))
+        if past >= S:  # a decode step: the prompts are in the cache already
+            self._state = None
+            return None
+        if past > 0 or q < S:
+            raise RuntimeError(
+                f"IAPT generate: a model call covers positions [{past}, {past + q}) of a prompt of length {S}. "
+                "The soft prompts are computed from the whole instruction in one call, so a call must start at "
+                "position 0 and cover the prompt, or start after it; do not pass a past_key_values that holds "
+                "only part of the prompt")
+        if nb % B:
+            raise RuntimeError(f"IAPT generate: model call with batch {nb}, not a multiple of the {B} prompts")
+        st = self._gen_states.get(nb)
+        if st is None:
+            st = base if nb == B else base.expand(nb // B, self.iapt_config.num_tenants)
+            self._gen_states[nb] = st
+        self._state = st.widen(q)
+        self._gen_applied = True
         return None
 
     def _backbone_post_hook(self, module, args, output):
-        if self._pending_len:  # inside generate: disarm after the prefill
+        if self._gen is not None:  # inside generate: each call arms its own state
             self._state = None
         return None
 
     # ----------------------------------------------------------------- inputs
-    def _make_state(self, input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds=None):
+    def _make_state(self, input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds=None,
+                    labels=None):
         if instruction_mask is None:
             raise ValueError("IAPT needs instruction_mask (B, S) bool, True on instruction tokens "
                              "(see iapt_kernels.insert_prompt_slots)")
@@ -357,8 +510,17 @@ class IAPTModel(nn.Module):
             got = tuple(instruction_mask.shape) if torch.is_tensor(instruction_mask) else type(instruction_mask).__name__
             raise ValueError(f"instruction_mask must have shape {shape} like input_ids, got {got}")
         instruction_mask = instruction_mask.to(device=ref.device, dtype=torch.bool)
-        if attention_mask is not None and tuple(attention_mask.shape) != shape:
-            raise ValueError(f"attention_mask must have shape {shape}, got {tuple(attention_mask.shape)}")
+        if self.max_positions is not None and shape[1] > self.max_positions:
+            raise ValueError(
+                f"sequence length {shape[1]} exceeds the {self.max_positions} positions of "
+                f"{type(self.model).__name__}: truncate, e.g. insert_prompt_slots(..., max_length={self.max_positions})")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != shape:
+                raise ValueError(f"attention_mask must have shape {shape}, got {tuple(attention_mask.shape)}")
+            attended = attention_mask.to(ref.device).bool()
+            _require(~(instruction_mask & ~attended),
+                     "instruction_mask is True on padding (attention_mask 0): were padded tokenizer outputs "
+                     "passed as instructions? Build batches with insert_prompt_slots from unpadded ids")
         T = self.iapt_config.num_tenants
         if tenant_ids is None and T > 1:
             raise ValueError(f"tenant_ids (B,) is required: this model has num_tenants={T}")
@@ -366,12 +528,61 @@ class IAPTModel(nn.Module):
             tenant_ids = torch.as_tensor(tenant_ids, device=ref.device).long().reshape(-1)
             if tenant_ids.shape[0] != shape[0]:
                 raise ValueError(f"tenant_ids must have shape ({shape[0]},), got {tuple(tenant_ids.shape)}")
-            if bool(((tenant_ids < -1) | (tenant_ids >= T)).any()):
-                raise ValueError(f"tenant_ids must be in [-1, {T}), got {tenant_ids.tolist()}")
-        slot_index = slot_positions(instruction_mask, self.iapt_config.num_tokens, attention_mask,
+            _require((tenant_ids >= -1) & (tenant_ids < T), f"tenant_ids must be in [-1, {T}) (-1: no adapter)")
+        L = self.iapt_config.num_tokens
+        slot_index = slot_positions(instruction_mask, L, attention_mask,
                                     None if slot_mask is None else slot_mask.to(ref.device))
-        groups = _build_groups(tenant_ids, T) if self._groups_kw else None
+        fix = f"lay each row out as [instruction][{L} slot tokens][response] with insert_prompt_slots(num_tokens={L})"
+        if slot_mask is not None:
+            _require(~instruction_mask.gather(1, slot_index), f"slot_mask is True on instruction tokens; {fix}")
+        if attention_mask is not None:
+            _require(attended.gather(1, slot_index),
+                     f"slot positions fall on padding (attention_mask 0): fewer than {L} slot tokens after the "
+                     f"instruction? {fix}")
+        if labels is not None and torch.is_tensor(labels) and tuple(labels.shape) == shape:
+            _require(labels.to(ref.device).gather(1, slot_index) == -100,
+                     f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
+                     f"after the instruction, so the prompts would overwrite response tokens; {fix}")
+        # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
+        groups = _build_groups(tenant_ids, T) if self._groups_kw and not torch.compiler.is_compiling() else None
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
+
+    def _position_ids(self, attention_mask, kwargs):
+        """Position ids that skip left padding, for a call that starts at position 0.
+
+        Hugging Face models number positions ``0..S-1`` whatever the mask says, so a left-padded row
+        (batched generation prompts) would sit at shifted positions: absolute-position models (GPT-2)
+        then give other logits than the same row unpadded. Right-padded rows get ``0..S-1`` exactly.
+        """
+        if (not self._position_ids_kw or attention_mask is None or kwargs.get("position_ids") is not None
+                or _cache_length(kwargs.get("past_key_values")) != 0):
+            return
+        att = attention_mask.bool()
+        S = att.shape[1]
+        ar = torch.arange(S, device=att.device)
+        first = torch.where(att, ar, torch.full_like(ar, S)).amin(1, keepdim=True)
+        kwargs["position_ids"] = (ar - first).clamp(min=0)
+
+    def _without_slots(self, free, input_ids, attention_mask, inputs_embeds, state):
+        """Move the slot tokens of rows ``free`` (tenant -1) into their left padding (generate)."""
+        B, S = state.instruction_mask.shape
+        L = self.iapt_config.num_tokens
+        tail = torch.arange(S - L, S, device=state.slot_index.device)
+        if not bool((state.slot_index[free] == tail).all()):
+            raise ValueError("tenant -1 rows are generated on their instruction alone, which needs their slot "
+                             "tokens at the end of the row: pass left-padded prompts "
+                             "(insert_prompt_slots(..., padding_side='left'))")
+        if attention_mask is None:
+            attention_mask = torch.ones((B, S), dtype=torch.long, device=state.slot_index.device)
+
+        def roll(x):
+            return torch.where(free.view(-1, *([1] * (x.dim() - 1))), x.roll(L, 1), x)
+
+        attention_mask = roll(attention_mask).clone()
+        attention_mask[free, :L] = 0
+        state = _SlotState(roll(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
+        return (None if input_ids is None else roll(input_ids), attention_mask,
+                None if inputs_embeds is None else roll(inputs_embeds), state)
 
     # ----------------------------------------------------------------- public
     def forward(self, input_ids=None, attention_mask=None, instruction_mask=None, tenant_ids=None, labels=None,
@@ -379,44 +590,67 @@ class IAPTModel(nn.Module):
         """Run the backbone with soft prompts at the slot positions of every layer.
 
         Everything except ``instruction_mask``, ``tenant_ids`` and ``slot_mask`` is passed to the
-        backbone; returns its usual output (with ``loss`` when ``labels`` is given).
+        backbone; returns its usual output (with ``loss`` when ``labels`` is given). Without
+        ``position_ids`` and without a cache, position ids that skip left padding are passed when
+        the backbone takes them, so left- and right-padded rows give the same logits.
         """
         state = self._make_state(input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask,
-                                 kwargs.get("inputs_embeds"))
+                                 kwargs.get("inputs_embeds"), labels)
         if labels is not None:
             kwargs["labels"] = labels
+        self._position_ids(attention_mask, kwargs)
         self._state = state
+        self._calling = True
         keep = False
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             # Gradient checkpointing re-runs the layers (and so their hooks) during backward: keep the
-            # slot state until the next call so the recomputation sees the same prompts.
+            # slot state until the next call so the recomputation sees the same prompts. The backbone
+            # pre-hook drops it if the backbone is then called directly.
             keep = torch.is_grad_enabled() and self.model.training and _checkpointing(self.model)
             return out
         finally:
+            self._calling = False
             if not keep:
                 self._state = None
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, instruction_mask=None, tenant_ids=None,
                  slot_mask=None, **kwargs):
-        """``model.generate`` with soft prompts in the prefill; decode steps never call a generator.
+        """``model.generate`` with soft prompts wherever a model call covers the prompt.
 
         ``input_ids`` hold ``[instruction][L slots]`` per row (left padding for batches, see
         :func:`iapt_kernels.insert_prompt_slots`); other arguments go to the backbone's ``generate``.
+        With a KV cache the generators run once, at the prefill; with ``use_cache=False`` every step
+        re-runs the whole sequence and applies the same prompts again, so greedy output is the same
+        either way. Rows of tenant ``-1`` are generated by the bare backbone on their instruction
+        alone (see :class:`IAPTModel`).
         """
-        state = self._make_state(input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask,
-                                 kwargs.get("inputs_embeds"))
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        state = self._make_state(input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds)
+        S = state.instruction_mask.shape[1]
+        new = kwargs.get("max_new_tokens")
+        if self.max_positions is not None and isinstance(new, int) and S + new > self.max_positions:
+            raise ValueError(f"a prompt of {S} tokens plus max_new_tokens={new} exceeds the {self.max_positions} "
+                             f"positions of {type(self.model).__name__}: lower max_new_tokens or truncate the prompt")
+        if state.tenant_ids is not None:
+            free = state.tenant_ids < 0
+            if bool(free.any()):
+                input_ids, attention_mask, inputs_embeds, state = self._without_slots(
+                    free, input_ids, attention_mask, inputs_embeds, state)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
         self._state = None
-        self._pending, self._pending_len = state, 1
+        self._gen, self._gen_states, self._gen_applied = state, {}, False
         try:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            if self._pending is not None:
-                warnings.warn("IAPT generate: no prefill call over the whole prompt was seen (a pre-filled "
-                              "past_key_values?), so no soft prompts were applied", RuntimeWarning, stacklevel=2)
+            if not self._gen_applied:
+                warnings.warn("IAPT generate: no model call covered the prompt from position 0 (a past_key_values "
+                              "holding the whole prompt?), so no soft prompts were applied", RuntimeWarning,
+                              stacklevel=2)
             return out
         finally:
-            self._pending, self._pending_len, self._state = None, 0, None
+            self._gen, self._gen_states, self._state = None, {}, None
 
     def extra_repr(self) -> str:
         return (f"layers={self._layer_name!r} x {self.num_layers}, num_tokens={self.iapt_config.num_tokens}, "
@@ -427,7 +661,8 @@ def apply_iapt(model: nn.Module, config: IAPTConfig | None = None, **overrides) 
     """Wrap a ``transformers`` causal LM for IAPT: freeze it and add one generator per decoder layer.
 
     Args:
-        model: a causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...).
+        model: a causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...); not an :class:`IAPTModel`
+            nor a backbone another :class:`IAPTModel` still hooks (``TypeError``).
         config: an :class:`IAPTConfig` (default ``IAPTConfig()``); keyword ``overrides`` replace its
             fields (``apply_iapt(model, num_tokens=4, bottleneck_size=64)``).
 

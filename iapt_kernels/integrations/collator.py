@@ -1,0 +1,82 @@
+"""A data collator for ``transformers.Trainer``: examples in, IAPT batches out (slots, labels, masks)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .slots import insert_prompt_slots
+
+__all__ = ["IAPTDataCollator"]
+
+
+class IAPTDataCollator:
+    """Turn a list of instruction/response examples into one IAPT batch, for ``Trainer(data_collator=...)``.
+
+    Each example is a mapping with either token ids, ``instruction_ids`` (and ``response_ids`` for
+    training), or text, ``instruction`` (and ``response``), which needs ``tokenizer``: the
+    instruction is tokenized as the tokenizer does by default (special tokens such as BOS included),
+    the response without special tokens and followed by ``eos_token_id`` (``add_eos``). An optional
+    ``tenant_id`` per example becomes the batch's ``tenant_ids`` (multi-tenant models).
+
+    The batch is :func:`iapt_kernels.insert_prompt_slots` of the examples: ``input_ids``,
+    ``attention_mask``, ``instruction_mask``, ``labels`` (``-100`` off the response) and, with
+    tenants, ``tenant_ids``. Pass ``remove_unused_columns=False`` to ``TrainingArguments`` so the
+    Trainer hands the raw examples over.
+
+    Args:
+        num_tokens: ``L``, the model's ``IAPTConfig.num_tokens``.
+        pad_token_id: padding id; default the tokenizer's pad id, else its EOS id.
+        tokenizer: a ``transformers`` tokenizer, for text examples (the Trainer also saves it with the model).
+        slot_token_id, padding_side, max_length, truncation_side: as for
+            :func:`iapt_kernels.insert_prompt_slots` (``padding_side="right"`` for training).
+        add_eos: append the tokenizer's EOS id to text responses (default True).
+    """
+
+    def __init__(self, num_tokens: int, pad_token_id: int | None = None, *, tokenizer=None,
+                 slot_token_id: int | None = None, padding_side: str = "right", max_length: int | None = None,
+                 truncation_side: str = "left", add_eos: bool = True) -> None:
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("IAPTDataCollator needs pad_token_id (or a tokenizer with a pad or EOS token)")
+        self.num_tokens, self.pad_token_id, self.tokenizer = num_tokens, int(pad_token_id), tokenizer
+        self.slot_token_id, self.padding_side, self.add_eos = slot_token_id, padding_side, add_eos
+        self.max_length, self.truncation_side = max_length, truncation_side
+        # Fail on a bad layout argument now, not at the first batch.
+        insert_prompt_slots([[0]], num_tokens=num_tokens, pad_token_id=self.pad_token_id, padding_side=padding_side,
+                            max_length=max_length, truncation_side=truncation_side)
+
+    def _ids(self, ex: dict[str, Any], i: int) -> tuple[list[int], list[int] | None]:
+        if "instruction_ids" in ex:
+            return list(ex["instruction_ids"]), (list(ex["response_ids"]) if "response_ids" in ex else None)
+        if "instruction" in ex:
+            tok = self.tokenizer
+            if tok is None:
+                raise ValueError(f"example {i} holds text ('instruction'): pass tokenizer= to IAPTDataCollator")
+            ins = tok(ex["instruction"])["input_ids"]
+            if "response" not in ex:
+                return ins, None
+            resp = tok(ex["response"], add_special_tokens=False)["input_ids"]
+            if self.add_eos and tok.eos_token_id is not None:
+                resp = resp + [tok.eos_token_id]
+            return ins, resp
+        raise ValueError(f"example {i} has keys {sorted(ex)}; each example needs 'instruction_ids' (token ids) or "
+                         "'instruction' (text), and 'response_ids' / 'response' for training")
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = [self._ids(ex, i) for i, ex in enumerate(examples)]
+        has_resp = [r is not None for _, r in pairs]
+        if any(has_resp) and not all(has_resp):
+            raise ValueError("some examples have a response and some do not; a batch is all training or all prompts")
+        batch = insert_prompt_slots([p[0] for p in pairs], [p[1] for p in pairs] if all(has_resp) else None,
+                                    num_tokens=self.num_tokens, pad_token_id=self.pad_token_id,
+                                    slot_token_id=self.slot_token_id, padding_side=self.padding_side,
+                                    max_length=self.max_length, truncation_side=self.truncation_side)
+        tenants = [ex.get("tenant_id") for ex in examples]
+        if any(t is not None for t in tenants):
+            if any(t is None for t in tenants):
+                raise ValueError("some examples have a tenant_id and some do not; give every example one (-1: none)")
+            batch["tenant_ids"] = torch.tensor([int(t) for t in tenants], dtype=torch.long)
+        return batch
