@@ -1,14 +1,18 @@
 """Train IAPT soft-prompt generators on a frozen causal LM.
 
     python -m iapt_kernels.train                                  # built-in synthetic task, tiny random Llama
+    python -m iapt_kernels.train --evaluate iapt-adapter          # reload what that run saved, re-score it
     python -m iapt_kernels.train --model DIR --data train.jsonl --out adapter/
     torchrun --nproc_per_node 2 -m iapt_kernels.train --steps 5   # DistributedDataParallel (gloo / nccl)
 
 ``--data`` is a JSONL file of ``{"instruction": ..., "response": ...}`` objects; ``--model`` a local
-directory with a causal LM and its tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``). Without
-``--model`` the run uses a tiny randomly initialised Llama and a character-level vocabulary (nothing is
-downloaded), on a synthetic task: copy or reverse a short digit string. Only the generators train; the
-adapter is saved with :func:`iapt_kernels.save_iapt` at the end.
+directory with a causal LM and its tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``); nothing is
+ever downloaded. Without ``--model`` the run uses a tiny randomly initialised Llama and a small
+vocabulary, on a synthetic task: the largest or the smallest digit of a digit string, as the
+instruction says. Only the generators train. The end of the run scores greedy generation on held-out
+examples (exact match of the answer and EOS) and saves the adapter with :func:`iapt_kernels.save_iapt`;
+with the built-in model it also saves that backbone (``base_model/``) and the task (``demo.json``), so
+``--evaluate`` reloads everything and reproduces the score.
 """
 
 from __future__ import annotations
@@ -22,61 +26,89 @@ import time
 
 import torch
 
-__all__ = ["main", "SyntheticTask"]
+__all__ = ["main", "SyntheticTask", "tiny_llama", "load_demo", "exact_match"]
+
+HELD_OUT_SEED = 10_000  # the held-out examples' RNG seed: never a training seed (those are seed * 1000 + rank)
 
 
 class SyntheticTask:
-    """Copy or reverse a digit string, with a character-level vocabulary (no tokenizer needed).
+    """The largest or the smallest digit of a digit string, as the instruction says.
 
-    Ids: 0 pad, 1 bos, 2 eos, 3 slot, 4 ``copy``, 5 ``reverse``, 6.. 15 the digits ``0``-``9``.
+    Instruction ``<s> max 3 9 4`` -> response ``9 </s>``; ``<s> min 3 9 4`` -> ``3 </s>``. The answer
+    depends on the instruction's op and digits, so the soft prompts must depend on the instruction:
+    what IAPT's generators are for. Ids: 0 pad, 1 bos, 2 eos, 3 slot, 4 ``max``, 5 ``min``,
+    6..15 the digits ``0``-``9`` (no tokenizer needed).
     """
 
-    PAD, BOS, EOS, SLOT, COPY, REVERSE, DIGIT0 = 0, 1, 2, 3, 4, 5, 6
+    PAD, BOS, EOS, SLOT, MAX, MIN, DIGIT0 = 0, 1, 2, 3, 4, 5, 6
     vocab_size = 16
 
-    def __init__(self, min_len: int = 3, max_len: int = 8) -> None:
+    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
         self.min_len, self.max_len = min_len, max_len
 
     def sample(self, rng: random.Random) -> tuple[list[int], list[int]]:
         """One ``(instruction_ids, response_ids)`` pair."""
         n = rng.randint(self.min_len, self.max_len)
         digits = [rng.randrange(10) for _ in range(n)]
-        op = rng.choice((self.COPY, self.REVERSE))
-        out = digits if op == self.COPY else digits[::-1]
-        return [self.BOS, op] + [self.DIGIT0 + d for d in digits], [self.DIGIT0 + d for d in out] + [self.EOS]
+        op = rng.choice((self.MAX, self.MIN))
+        answer = max(digits) if op == self.MAX else min(digits)
+        return [self.BOS, op] + [self.DIGIT0 + d for d in digits], [self.DIGIT0 + answer, self.EOS]
+
+    def held_out(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """``n`` examples drawn with :data:`HELD_OUT_SEED`, which no training run uses."""
+        rng = random.Random(HELD_OUT_SEED)
+        return [self.sample(rng) for _ in range(n)]
 
     def decode(self, ids) -> str:
-        names = {self.PAD: "", self.BOS: "<s>", self.EOS: "</s>", self.SLOT: "_", self.COPY: "copy ",
-                 self.REVERSE: "reverse "}
-        return "".join(names.get(int(i), str(int(i) - self.DIGIT0)) for i in ids)
+        names = {self.PAD: "", self.BOS: "<s>", self.EOS: "</s>", self.SLOT: "_", self.MAX: "max",
+                 self.MIN: "min"}
+        return " ".join(names.get(int(i), str(int(i) - self.DIGIT0)) for i in ids if int(i) != self.PAD)
+
+    def to_dict(self) -> dict:
+        return {"task": "max_min_digit", "min_len": self.min_len, "max_len": self.max_len}
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
-    """A tiny randomly initialised ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads)."""
+def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2):
+    """A tiny randomly initialised ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads).
+
+    Weights are drawn with std ``initializer_range`` = 0.2, not Hugging Face's 0.02: with 0.02 the frozen
+    output head of a random model gives near-uniform logits whatever the soft prompts do, so the loss
+    could hardly fall even when every answer is right.
+    """
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
                                    bos_token_id=SyntheticTask.BOS, eos_token_id=SyntheticTask.EOS,
-                                   pad_token_id=SyntheticTask.PAD)
+                                   pad_token_id=SyntheticTask.PAD, initializer_range=initializer_range)
     return transformers.LlamaForCausalLM(cfg)
+
+
+DEFAULTS = {"steps": 1000, "batch_size": 32, "lr": 1e-2, "bottleneck": 64}  # the built-in demo's, see README
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m iapt_kernels.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local directory of a causal LM and its tokenizer (default: tiny random Llama)")
-    p.add_argument("--data", help='JSONL of {"instruction","response"} (default: synthetic copy/reverse task)')
+    p.add_argument("--model", help="local directory of a causal LM and its tokenizer; never downloaded "
+                                   "(default: a tiny random Llama)")
+    p.add_argument("--data", help='JSONL of {"instruction","response"} (default: the synthetic max/min task)')
     p.add_argument("--out", default="iapt-adapter", help="directory the adapter is saved to (default %(default)s)")
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per step per process")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--evaluate", metavar="DIR", help="train nothing: reload the built-in demo saved in DIR "
+                                                     "and score it on the held-out examples")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimisation steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="examples per step per process (default %(default)s)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help="AdamW peak learning rate, cosine-decayed to 0 over the run (default %(default)s)")
     p.add_argument("--num-tokens", type=int, default=4)
-    p.add_argument("--bottleneck-size", type=int, default=None, help="default 32 for the tiny model, else 256")
+    p.add_argument("--bottleneck-size", type=int, default=None,
+                   help=f"default {DEFAULTS['bottleneck']} for the tiny model, else 256")
     p.add_argument("--num-tenants", type=int, default=1)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
     p.add_argument("--max-length", type=int, default=512, help="truncate instruction + response to this")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-size", type=int, default=200, help="held-out examples scored at the end (synthetic task)")
+    p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -90,8 +122,11 @@ def _load_jsonl(path, tokenizer, max_length):
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            ex = json.loads(line)
-            if "instruction" not in ex or "response" not in ex:
+            try:
+                ex = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{ln}: not valid JSON ({exc})") from None
+            if not isinstance(ex, dict) or "instruction" not in ex or "response" not in ex:
                 raise ValueError(f"{path}:{ln}: each line needs 'instruction' and 'response'")
             ins = tokenizer(ex["instruction"])["input_ids"]
             resp = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
@@ -101,12 +136,66 @@ def _load_jsonl(path, tokenizer, max_length):
     return pairs
 
 
-def main(argv=None) -> None:
-    """Command-line entry point (see the module docstring)."""
+@torch.no_grad()
+def exact_match(iapt, examples, num_tokens: int, pad_id: int, slot_id: int, batch_size: int = 64, tenant: int = 0):
+    """``(hits, outputs)``: greedy generation of each example's response length, compared token for token."""
+    was = iapt.training
+    iapt.eval()
+    device = next(iapt.generators.parameters()).device
+    hits, outputs = 0, []
+    for k in range(0, len(examples), batch_size):
+        chunk = examples[k: k + batch_size]
+        n = max(len(r) for _, r in chunk)
+        g = __import__("iapt_kernels").insert_prompt_slots([e[0] for e in chunk], num_tokens=num_tokens,
+                                                           pad_token_id=pad_id, slot_token_id=slot_id,
+                                                           padding_side="left")
+        g = {key: v.to(device) for key, v in g.items()}
+        if iapt.iapt_config.num_tenants > 1:
+            g["tenant_ids"] = torch.full((len(chunk),), tenant, dtype=torch.long, device=device)
+        out = iapt.generate(**g, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+        for (_, resp), row in zip(chunk, out[:, g["input_ids"].shape[1]:].tolist()):
+            hits += row[: len(resp)] == resp
+            outputs.append(row[: len(resp)])
+    iapt.train(was)
+    return hits, outputs
+
+
+def load_demo(path: str, device=None):
+    """``(iapt_model, task)`` of a built-in demo run saved in ``path`` (backbone, adapter and task)."""
+    import iapt_kernels as ik
+    import transformers
+
+    meta_file = os.path.join(path, "demo.json")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(f"{path!r} holds no built-in demo run (no demo.json): --evaluate reloads the output "
+                                "of `python -m iapt_kernels.train` without --model")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    task = SyntheticTask(meta["min_len"], meta["max_len"])
+    base = transformers.LlamaForCausalLM.from_pretrained(os.path.join(path, "base_model"), local_files_only=True)
+    iapt = ik.load_iapt(base.to(device or "cpu"), path)
+    return iapt, task
+
+
+def _score(iapt, task, n, num_tokens, log):
+    examples = task.held_out(n)
+    hits, outs = exact_match(iapt, examples, num_tokens, task.PAD, task.SLOT)
+    log(f"held-out exact match (answer and EOS, greedy): {hits}/{n} = {100.0 * hits / n:.1f}%")
+    ins, resp = examples[0]
+    log(f"example: {task.decode(ins)} -> {task.decode(outs[0])} (target {task.decode(resp)})")
+    return hits / n
+
+
+def main(argv=None) -> float | None:
+    """Command-line entry point (see the module docstring). Returns the held-out exact match of the
+    synthetic task (``None`` with ``--data``)."""
     import iapt_kernels as ik
     from tqdm.auto import tqdm
 
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.evaluate:
+        iapt, task = load_demo(args.evaluate, args.device)
+        return _score(iapt, task, args.eval_size, iapt.iapt_config.num_tokens, print)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     rank = int(os.environ.get("RANK", "0"))
@@ -125,33 +214,35 @@ def main(argv=None) -> None:
     log = print if main_proc else (lambda *a, **k: None)
 
     rng = random.Random(args.seed * 1000 + rank)
+    task = None
     if args.model is None:
         if args.data is not None:
             raise SystemExit("--data needs --model (a tokenizer to encode it with)")
         task = SyntheticTask()
-        log("no --model given: using the built-in synthetic task (copy / reverse a digit string, "
-            "character-level vocabulary) on a tiny randomly initialised Llama")
+        log("no --model given: the built-in synthetic task (the max or min digit of a digit string, as the "
+            "instruction says) on a tiny randomly initialised Llama")
         model = tiny_llama(task.vocab_size, seed=args.seed)
         pad_id, slot_id = task.PAD, task.SLOT
         sample = lambda: task.sample(rng)  # noqa: E731
-        bottleneck = args.bottleneck_size or 32
+        bottleneck = args.bottleneck_size or DEFAULTS["bottleneck"]
     else:
+        if not os.path.isdir(args.model):
+            raise SystemExit(f"--model must be a local directory (nothing is downloaded); {args.model!r} is not one")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         slot_id = pad_id
         if args.data is None:
-            log("no --data given: using the built-in synthetic task (copy / reverse a digit string)")
-            task = SyntheticTask()
+            log("no --data given: the built-in synthetic task (max / min digit), as text")
+            text_task = SyntheticTask()
 
             def sample():
-                ins, resp = task.sample(rng)
-                text_in = task.decode(ins[1:]).strip()
-                text_out = task.decode(resp[:-1])
-                return (tok(text_in)["input_ids"],
-                        tok(" " + text_out, add_special_tokens=False)["input_ids"] + [tok.eos_token_id or pad_id])
+                ins, resp = text_task.sample(rng)
+                return (tok(text_task.decode(ins[1:]))["input_ids"],
+                        tok(" " + text_task.decode(resp[:-1]), add_special_tokens=False)["input_ids"]
+                        + [tok.eos_token_id if tok.eos_token_id is not None else pad_id])
         else:
             pairs = _load_jsonl(args.data, tok, args.max_length)
             log(f"{len(pairs)} examples from {args.data}")
@@ -172,13 +263,14 @@ def main(argv=None) -> None:
 
         net = DDP(iapt, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW([p for p in iapt.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.steps, 1))
     iapt.train()
     bar = tqdm(range(args.steps), desc="iapt", disable=args.no_progress or not main_proc, dynamic_ncols=True)
     t0, running = time.time(), None
     for step in bar:
         ex = [sample() for _ in range(args.batch_size)]
         batch = ik.insert_prompt_slots([e[0] for e in ex], [e[1] for e in ex], num_tokens=args.num_tokens,
-                                       pad_token_id=pad_id, slot_token_id=slot_id)
+                                       pad_token_id=pad_id, slot_token_id=slot_id, max_length=args.max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
         if args.num_tenants > 1:
             batch["tenant_ids"] = torch.randint(0, args.num_tenants, (args.batch_size,), device=device)
@@ -186,6 +278,7 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         lv = loss.detach()
         if distributed:
             torch.distributed.all_reduce(lv)
@@ -200,21 +293,22 @@ def main(argv=None) -> None:
             else:
                 bar.write(msg)
     bar.close()
+    score = None
+    ik.save_iapt(iapt, args.out)  # every rank (sharded models gather); rank 0 writes
     if main_proc:
-        ik.save_iapt(iapt, args.out)
         log(f"saved the adapter to {args.out}")
-        if args.model is None:
-            iapt.eval()
-            ins, resp = task.sample(random.Random(12345))
-            g = ik.insert_prompt_slots([ins], num_tokens=args.num_tokens, pad_token_id=pad_id, slot_token_id=slot_id)
-            g = {k: v.to(device) for k, v in g.items()}
-            kw = {"tenant_ids": torch.zeros(1, dtype=torch.long, device=device)} if args.num_tenants > 1 else {}
-            out = iapt.generate(**g, **kw, max_new_tokens=len(resp), do_sample=False)
-            log(f"example: {task.decode(ins)} -> {task.decode(out[0, g['input_ids'].shape[1]:])} "
-                f"(target {task.decode(resp)})")
+        if task is not None:
+            # The random backbone exists nowhere else: save it, and the task, so the run can be reloaded.
+            model.save_pretrained(os.path.join(args.out, "base_model"))
+            with open(os.path.join(args.out, "demo.json"), "w") as f:
+                json.dump(task.to_dict(), f, indent=2)
+            log(f"saved the tiny backbone to {os.path.join(args.out, 'base_model')}; "
+                f"`python -m iapt_kernels.train --evaluate {args.out}` reloads and re-scores it")
+            score = _score(iapt, task, args.eval_size, args.num_tokens, log)
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    return score
 
 
 if __name__ == "__main__":

@@ -313,3 +313,32 @@ def test_compile_fullgraph_forward_backward_equals_eager(tenants):
     for a, e in zip(gc, ge):
         assert rel_err(a, e) < 1e-4
     assert sum(float(g.abs().sum()) for g in gc) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+@pytest.mark.parametrize("tenants", [1, pytest.param(3, marks=needs_mt)])
+def test_no_host_sync_per_layer_on_cuda(tenants):
+    """Checks and tenant grouping run once per batch: the number of host synchronisations of a
+    training step must not grow with the number of layers."""
+    import warnings
+
+    counts = []
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=128, pad_token_id=0)
+        w = wrap(transformers.LlamaForCausalLM(cfg).cuda(), num_tenants=tenants)
+        b = {k: v.cuda() for k, v in batch("right").items()}
+        kw = {"tenant_ids": torch.tensor([0, 2, -1], device="cuda")} if tenants > 1 else {}
+        w(**b, **kw).loss.backward()  # warm-up: kernel compilation, allocator
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                w(**b, **kw).loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(r.message) for r in rec))
+    assert counts[0] == counts[1], counts

@@ -2,6 +2,7 @@
 mechanism, fused vs reference parity, KV-cache generation, tenants, save/load, the slot layout."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -332,10 +333,24 @@ def test_single_tenant_adapter_loads_into_tenant_slot(tmp_path):
 def test_train_script_runs(tmp_path, capsys):
     from iapt_kernels import train
 
-    train.main(["--steps", "3", "--out", str(tmp_path / "ad"), "--no-progress"])
+    score = train.main(["--steps", "3", "--out", str(tmp_path / "ad"), "--no-progress", "--eval-size", "20"])
     text = capsys.readouterr().out
-    assert "synthetic" in text and "trainable parameters" in text
+    assert "synthetic" in text and "trainable parameters" in text and "held-out exact match" in text
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+    # the run saved everything it needs: reloading reproduces its score exactly
+    assert train.main(["--evaluate", str(tmp_path / "ad"), "--eval-size", "20"]) == score
+    with pytest.raises(SystemExit, match="local directory"):
+        train.main(["--model", "some-org/some-model", "--steps", "1"])
+
+
+@pytest.mark.skipif(os.environ.get("IAPT_TEST_SLOW", "0") != "1",
+                    reason="the default demo trains for minutes on a small CPU: IAPT_TEST_SLOW=1 runs it")
+def test_train_demo_defaults_learn(tmp_path):
+    from iapt_kernels import train
+
+    score = train.main(["--out", str(tmp_path / "demo"), "--no-progress"])
+    assert score >= 0.9
+    assert train.main(["--evaluate", str(tmp_path / "demo")]) == score
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -235,6 +235,14 @@ def _size_sweep(rec) -> bool:
     return rec.get("params", {}).get("mix", "round_robin") == "round_robin"
 
 
+def _no_minor_labels(ax) -> None:
+    # Log axes spanning less than a decade label their minor ticks, and those labels overlap.
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_speedups(records: list[dict], path: str) -> None:
     plt = _plt()
     ops = _ops(records)
@@ -252,6 +260,7 @@ def plot_speedups(records: list[dict], path: str) -> None:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _no_minor_labels(ax)
         ax.set_title(f"{op}: speedup over eager reference" + ("\n(round-robin tenants)" if op.startswith("multi") else ""),
                      fontsize=10)
         ax.set_xlabel("input elements (x, or H = B*S*d)")
@@ -288,6 +297,7 @@ def plot_model(model: list[dict], path: str) -> None:
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _no_minor_labels(ax)
         ax.set_xlabel("input elements (x, or H = B*S*d)")
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=6, ncol=2, title="colour: op, line: dtype, marker: mode", title_fontsize=7)

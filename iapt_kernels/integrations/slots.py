@@ -20,9 +20,9 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
         if "input_ids" not in ids:
             raise ValueError(f"{what} is a mapping without 'input_ids'; pass token-id lists or tokenizer output")
         rows, mask = ids["input_ids"], ids.get("attention_mask")
-        rows = rows.tolist() if torch.is_tensor(rows) else [list(r) for r in rows]
         if mask is None:
             return _rows(rows, what, pad_token_id)
+        rows = rows.tolist() if torch.is_tensor(rows) else [list(r) for r in rows]
         mask = mask.tolist() if torch.is_tensor(mask) else [list(m) for m in mask]
         return [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
     if torch.is_tensor(ids):
@@ -67,7 +67,7 @@ def insert_prompt_slots(
         response_ids: optional, the same forms, one row per example; for training, or ``None`` for
             generation prompts.
         num_tokens: ``L``, the number of soft tokens (slots) per example; must be the model's
-            ``IAPTConfig.num_tokens`` (the model checks that the slots it uses are slot tokens).
+            ``IAPTConfig.num_tokens`` (the model refuses slots that fall on labels, padding or past the end).
         pad_token_id: token id written at padding positions.
         slot_token_id: token id written at slot positions (its embedding is replaced before the
             first layer, so any valid id works); defaults to ``pad_token_id``.

@@ -214,6 +214,21 @@ def _cache_length(pkv) -> int:
         return 0
 
 
+def _call_start(kwargs) -> int:
+    """The position a backbone call starts at: the length of the cache it is given (0 without one).
+
+    The cache's keyword differs across ``transformers`` versions (``past_key_values``, later ``cache``);
+    ``cache_position`` says it directly where it is passed.
+    """
+    for name in ("past_key_values", "cache", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return _cache_length(kwargs[name])
+    cp = kwargs.get("cache_position")
+    if torch.is_tensor(cp) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    return 0
+
+
 def _checkpointing(model) -> bool:
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
         if hasattr(type(model), name):
@@ -471,7 +486,7 @@ class IAPTModel(nn.Module):
             return None
         nb, q = ids.shape[0], ids.shape[1]
         B, S = base.instruction_mask.shape
-        past = _cache_length(kwargs.get("past_key_values"))
+        past = _call_start(kwargs)
         if past >= S:  # a decode step: the prompts are in the cache already
             self._state = None
             return None
@@ -555,7 +570,7 @@ class IAPTModel(nn.Module):
         then give other logits than the same row unpadded. Right-padded rows get ``0..S-1`` exactly.
         """
         if (not self._position_ids_kw or attention_mask is None or kwargs.get("position_ids") is not None
-                or _cache_length(kwargs.get("past_key_values")) != 0):
+                or any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_position"))):
             return
         att = attention_mask.bool()
         S = att.shape[1]
