@@ -226,9 +226,14 @@ def _tenant_sweep(args, written) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=sweep_steps(args.device), desc="tenant sweep", unit="step", file=sys.stderr)
+    timer = None
+    if args.min_time is not None and args.device == "cpu":
+        import functools
+
+        timer = functools.partial(time_cpu, min_time=args.min_time, min_reps=3 if args.min_time < 0.1 else 5)
     load0 = _load()
     try:
-        records = tenant_sweep(args.device, progress=bar)
+        records = tenant_sweep(args.device, timer=timer, progress=bar)
     finally:
         if bar is not None:
             bar.close()

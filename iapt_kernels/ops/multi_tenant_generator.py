@@ -655,19 +655,18 @@ class MultiTenantGeneratorFunction(torch.autograd.Function):
             h, mask, cu_seqlens, *groups.tensors(), wd, bd, wp, numc, denc, wu, bu, version, max_seqlen,
             backend)
         ctx.save_for_backward(h, mask, cu_seqlens, *groups.tensors(), wd, wp, numc, denc, wu,
-                              a, z, u, g, n, wdp)
+                              a, z, u, g, n, wdp, groups.absent)
         ctx.meta = (version, max_seqlen, backend, [t.dtype for t in (wd, bd, wp, num, den, wu, bu)])
-        ctx.absent = groups.absent
         return p
 
     @staticmethod
     def backward(ctx, gp):
         (h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, wd, wp, num, den, wu,
-         a, z, u, g, n, wdp) = ctx.saved_tensors
+         a, z, u, g, n, wdp, absent) = ctx.saved_tensors
         version, max_seqlen, backend, dtypes = ctx.meta
         grads = torch.ops.iapt.multi_tenant_generator_bwd(
             gp.contiguous(), h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit,
-            wd, wp, num, den, wu, a, z, u, g, n, wdp, version, max_seqlen, backend, ctx.absent)
+            wd, wp, num, den, wu, a, z, u, g, n, wdp, version, max_seqlen, backend, absent)
         gh, *gw = grads
         # A no-op but for the coefficients (computed in the compute dtype) and mixed-dtype weights.
         gwd, gbd, gwp, gnum, gden, gwu, gbu = (t.to(dt) for t, dt in zip(gw, dtypes))
