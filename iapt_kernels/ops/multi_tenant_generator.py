@@ -212,7 +212,7 @@ def _multi_tenant_generator_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, list_ptr, seg_ptr, segw_ptr,
     ROWS, K, N, CHUNK,
     sx_q, sx_r, sx_k, sw_t, sw_k, sw_n, sy_q, sy_r, sy_n, sy_s, sb_t,
-    X_POS: tl.constexpr, Y_POS: tl.constexpr, W_POS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_POS: tl.constexpr, Y_POS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, X_WIDE: tl.constexpr,
     W_WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -226,10 +226,7 @@ def _multi_tenant_generator_matmul_kernel(
     ps = tl.program_id(2)
     start = tl.load(seg_ptr + seg)
     total = (tl.load(seg_ptr + seg + 1) - start) * ROWS
-    if W_POS:
-        t = seg.to(tl.int64)
-    else:
-        t = tl.load(segw_ptr + seg).to(tl.int64)
+    t = tl.load(segw_ptr + seg).to(tl.int64)
     nn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = nn < N
     k_lo = ps * CHUNK
@@ -445,7 +442,7 @@ def _wide(dot, t) -> bool:
 
 
 def _matmul(x, x_strides, w, w_strides, y, y_strides, lists, rows, K, N, *, dot, bias=None, bias_stride=0,
-            scale=None, x_pos=False, y_pos=False, w_pos=False):
+            scale=None, x_pos=False, y_pos=False):
     """`Y = X W_t (+ bias)` per segment, the reduction (over `r` or `L`, short) in one program:
     launches `_multi_tenant_generator_matmul_kernel` on grid (segments, column blocks, 1)."""
     order, seg, segw = lists
@@ -456,7 +453,7 @@ def _matmul(x, x_strides, w, w_strides, y, y_strides, lists, rows, K, N, *, dot,
     _multi_tenant_generator_matmul_kernel[grid](
         x, w, bias if bias is not None else y, scale if scale is not None else y, y, order, seg, segw,
         rows, K, N, max(K, 1), *x_strides, *w_strides, *y_strides, 0, bias_stride,
-        X_POS=x_pos, Y_POS=y_pos, W_POS=w_pos, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        X_POS=x_pos, Y_POS=y_pos, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         SPLIT=False, DOT=dot, X_WIDE=_wide(dot, x), W_WIDE=_wide(dot, w), BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_N=block_n, num_warps=NUM_WARPS,
     )
@@ -488,7 +485,7 @@ def _matmul_split(x, x_strides, w, w_strides, y, y_strides, lists, rsel, rows, K
     _multi_tenant_generator_matmul_kernel[grid](
         x, w, part, part, part, order, seg, segw,
         rows, K, N, SPLIT_CHUNK, *x_strides, *w_strides, 0, 0, 0, part.stride(0), 0,
-        X_POS=x_pos, Y_POS=False, W_POS=False, HAS_BIAS=False, HAS_SCALE=False, SPLIT=True, DOT=dot,
+        X_POS=x_pos, Y_POS=False, HAS_BIAS=False, HAS_SCALE=False, SPLIT=True, DOT=dot,
         X_WIDE=_wide(dot, x), W_WIDE=_wide(dot, w), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=NUM_WARPS,
     )
@@ -723,7 +720,7 @@ def launch_configs():
         "gwdp": (dict(A_POS=True, OUT_POS=True, HAS_COLSUM=True), ("c", "c", "c")),
         "coef": (dict(A_POS=True, OUT_POS=True, HAS_COLSUM=True), ("fp64", "fp64", "fp64")),
     }
-    defaults_mm = dict(X_POS=False, Y_POS=False, W_POS=False, HAS_BIAS=False, HAS_SCALE=False, SPLIT=False)
+    defaults_mm = dict(X_POS=False, Y_POS=False, HAS_BIAS=False, HAS_SCALE=False, SPLIT=False)
     defaults_sk = dict(HAS_BIAS=False, HAS_SCALE=False, EPILOGUE=0)
     defaults_wg = dict(A_POS=False, OUT_POS=False, HAS_OUTER=False, HAS_COLSUM=False, HAS_SCALE=False,
                        HAS_SECOND=False)
