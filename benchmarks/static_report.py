@@ -130,9 +130,10 @@ def build_report(archs, scope="all", jobs=2, progress=True, ops=OPS):
 
 def summarize(records) -> str:
     """One line per kernel and arch: configs, worst registers/spills/shared memory, how many of the
-    16-byte-aligned fp32/bf16 configs use 128-bit loads and stores, and float atomics anywhere."""
-    head = f"{'kernel':<36}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}" \
-           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}"
+    16-byte-aligned fp32/bf16 configs use 128-bit loads and stores, float atomics anywhere, and how
+    many of the fp16/bf16 configs use tensor-core instructions (HMMA, or HGMMA on sm_90)."""
+    head = f"{'kernel':<40}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}" \
+           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}{'MMA':>8}"
     lines = [head]
     groups = {}
     for r in records:
@@ -141,12 +142,32 @@ def summarize(records) -> str:
         wide = [r for r in rs if r["config"].get("dtype") in ("fp32", "bf16") and not r["config"].get("grouped")]
         ldg = sum(r["instructions"]["LDG.E.128"] > 0 for r in wide)
         stg = sum(r["instructions"]["STG.E.128"] > 0 for r in wide)
+        half = [r for r in rs if r["config"].get("dtype") in ("fp16", "bf16")]
+        mma = sum(r["instructions"]["HMMA"] + r["instructions"].get("HGMMA", 0) > 0 for r in half)
         lines.append(
-            f"{kernel:<36}{arch:>5}{len(rs):>8}{max(r['registers'] for r in rs):>9}"
+            f"{kernel:<40}{arch:>5}{len(rs):>8}{max(r['registers'] for r in rs):>9}"
             f"{sum(r['spill_bytes'] for r in rs):>8}{max(r['shared_bytes'] for r in rs):>9}"
             f"{f'{ldg}/{len(wide)}':>9}{f'{stg}/{len(wide)}':>9}"
             f"{sum(r['instructions']['RED'] + r['instructions']['ATOM'] for r in rs):>9}"
+            f"{f'{mma}/{len(half)}':>8}"
         )
+    return "\n".join(lines)
+
+
+# (present tenants, B, d, r) at which the report states the multi-tenant products' grids.
+GRID_SHAPES = ((1, 8, 4096, 256), (16, 64, 4096, 64))
+
+
+def multi_tenant_grids() -> str:
+    """The grid each multi-tenant product launches at GRID_SHAPES (the launchers' own sizing)."""
+    from iapt_kernels.ops.multi_tenant_generator import product_grids
+
+    lines = []
+    for K, B, d, r in GRID_SHAPES:
+        lines.append(f"multi_tenant_generator grids at {K} tenant(s), B={B}, d={d}, r={r}, L=4:")
+        for name, grid in product_grids(K, B, d, r).items():
+            programs = grid[0] * grid[1] * grid[2]
+            lines.append(f"  {name:<32}{str(grid):>16}{programs:>8} programs")
     return "\n".join(lines)
 
 
@@ -167,6 +188,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     print(summarize(records))
+    if "multi_tenant_generator" in args.ops:
+        print(multi_tenant_grids())
     spills = [r for r in records if r["spill_bytes"]]
     if spills:
         print(f"{len(spills)} configs spill, e.g. {spills[0]['kernel']} {spills[0]['config']}", file=sys.stderr)

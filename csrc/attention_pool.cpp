@@ -51,6 +51,8 @@
  * Build with -O3 -fopenmp (compile and link): at::parallel_for runs serially without -fopenmp.
  */
 
+#include "pool_pass.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
@@ -449,10 +451,12 @@ struct Plan {
   std::vector<int64_t> first;  // (B + 1,): the chunks of sequence b are [first[b], first[b + 1])
 };
 
-Plan plan_chunks(const Layout& lay) {
+// `want` > 0 fixes the chunks per sequence (the multi-tenant pass: then a request's chunks, hence its
+// bits, do not depend on the rest of the batch); 0 derives it from B.
+Plan plan_chunks(const Layout& lay, int64_t want = 0) {
   Plan plan;
   plan.first.assign(static_cast<size_t>(lay.B) + 1, 0);
-  const int64_t want = std::max<int64_t>(1, (kMinTasks + lay.B - 1) / std::max<int64_t>(1, lay.B));
+  if (want <= 0) want = std::max<int64_t>(1, (kMinTasks + lay.B - 1) / std::max<int64_t>(1, lay.B));
   for (int64_t b = 0; b < lay.B; ++b) {
     plan.first[b] = static_cast<int64_t>(plan.chunks.size());
     int64_t tokens = 0;
@@ -534,8 +538,9 @@ struct FwdArgs {
   Layout lay;
   const Chunk* chunks;
   const S* h;
-  const T* wdp;    // Wdp^T (L, d)
-  const T* c;      // (L,)
+  const T* wdp;    // Wdp^T (L, d), or (sets, L, d) with `sel`
+  const T* c;      // (L,), or (sets, L) with `sel`
+  const int32_t* sel;  // null, or (B,): the weight set of each sequence, -1 = skipped (no work)
   T* a;            // (B, S, L): raw scores here, normalised by fwd_finish
   T* zpart;        // (chunks, L, d): sum_s exp(E - m) H over the chunk
   T* mpart;        // (chunks, L): running max
@@ -558,6 +563,13 @@ IAPT_INLINE void fwd_chunks(const FwdArgs<S, T>& A, int64_t c0, int64_t c1) {
     T* zc = A.zpart + ci * L * d;
     T* ab = A.a + ch.b * lay.S * L;
     int64_t count = 0;
+    const int64_t set = A.sel ? A.sel[ch.b] : 0;
+    if (set < 0) {  // count 0: fwd_finish writes A = 0, Z = 0, n = 0
+      A.count[ci] = 0;
+      continue;
+    }
+    const T* wdp = A.wdp + set * L * d;
+    const T* cs = A.c + set * L;
     int64_t s = ch.s0;
     gather(lay, A.h, ch.b, s, ch.s1, cur, skip);
     while (cur.n > 0) {
@@ -566,10 +578,10 @@ IAPT_INLINE void fwd_chunks(const FwdArgs<S, T>& A, int64_t c0, int64_t c1) {
       const int n = cur.n;
       rows_of<S, T>(cur, d, buf.data(), rows);
       const bool first = count == 0;
-      dots(rows, n, A.wdp, d, L, d, e.data(), L);
+      dots(rows, n, wdp, d, L, d, e.data(), L);
       for (int i = 0; i < n; ++i)
         for (int64_t l = 0; l < L; ++l) {
-          e[i * L + l] += A.c[l];
+          e[i * L + l] += cs[l];
           ab[cur.pos[i] * L + l] = e[i * L + l];
         }
       // Online softmax: shift by the running max; the Z and den built so far are rescaled by
@@ -610,7 +622,8 @@ struct BwdArgs {
   Layout lay;
   const Chunk* chunks;
   const S* h;
-  const T* wdp;     // Wdp^T (L, d)
+  const T* wdp;     // Wdp^T (L, d), or (sets, L, d) with `sel`
+  const int32_t* sel;  // as in FwdArgs; gH is 0 on a skipped sequence
   const T* gz;      // (B, L, d)
   const T* delta;   // (B, L): Z . gZ
   const T* a;       // (B, S, L)
@@ -641,6 +654,14 @@ IAPT_INLINE void bwd_chunks(const BwdArgs<S, T>& A, int64_t c0, int64_t c1) {
     int64_t count = 0;
     // Padded layout: gH is exactly 0 at masked positions (the row itself is never read).
     auto zero_gh = [&](int64_t s) { std::memset(A.gh + lay.row(ch.b, s) * d, 0, sizeof(S) * d); };
+    const int64_t set = A.sel ? A.sel[ch.b] : 0;
+    if (set < 0) {
+      for (int64_t s = ch.s0; s < ch.s1; ++s) zero_gh(s);
+      A.count[ci] = 0;
+      std::fill(A.dpart + ci * L, A.dpart + (ci + 1) * L, 0.0);
+      continue;
+    }
+    const T* wdp = A.wdp + set * L * d;
     int64_t s = ch.s0;
     gather(lay, A.h, ch.b, s, ch.s1, cur, zero_gh);
     while (cur.n > 0) {
@@ -661,7 +682,7 @@ IAPT_INLINE void bwd_chunks(const BwdArgs<S, T>& A, int64_t c0, int64_t c1) {
       // gWdp partial += gE^T rows (the forward's column kernel, unit scale), then the gH rows.
       pool(rows, n, ge.data(), L, L, static_cast<const T*>(nullptr), count == 0, gwc, d, d, pf,
            nxt.n, static_cast<int64_t>(sizeof(S)));
-      combine(n, av.data(), ge.data(), L, gzb, L, A.wdp, L, d, d, out, true);
+      combine(n, av.data(), ge.data(), L, gzb, L, wdp, L, d, d, out, true);
       count += n;
       std::swap(cur, nxt);
     }
@@ -830,7 +851,7 @@ void fwd_finish(const Layout& lay, const Plan& plan, const T* zpart, const T* mp
       }
       T* ab = a + b * lay.S * L;
       for (int64_t s = 0; s < lay.S; ++s) {
-        const bool v = lay.valid(b, s);
+        const bool v = any && lay.valid(b, s);  // a skipped sequence's raw scores were never written
         for (int64_t l = 0; l < L; ++l)
           ab[s * L + l] = v ? std::exp(ab[s * L + l] - mx[l]) * inv[l] : T(0);
       }
@@ -845,13 +866,16 @@ void fwd_finish(const Layout& lay, const Plan& plan, const T* zpart, const T* mp
 // computed, so gWdp (hence gWd, gWp) is that of gE = A (gA - sum_s A gA) as in the two-pass
 // formulation. (With a peaked softmax the difference matters: a one-token sequence, say, gets
 // gE = 0 and exactly zero weight gradients.) gH keeps gE': there it is a relative O(eps) change.
+// With `sel`, `out` is (sets, L, d) and each sequence adds into its own set's slice.
 template <typename T>
 void bwd_finish(const Layout& lay, const Plan& plan, const T* part, const int64_t* count,
-                const T* z, const T* corr, T* out) {
+                const T* z, const T* corr, T* dst, const int32_t* sel = nullptr, int64_t sets = 1) {
   const int64_t L = lay.L, d = lay.d;
   at::parallel_for(0, L * d, 2048, [&](int64_t k0, int64_t k1) {
-    std::fill(out + k0, out + k1, T(0));
+    for (int64_t set = 0; set < sets; ++set) std::fill(dst + set * L * d + k0, dst + set * L * d + k1, T(0));
     for (int64_t b = 0; b < lay.B; ++b) {
+      if (sel && sel[b] < 0) continue;
+      T* out = dst + (sel ? sel[b] : 0) * L * d;
       bool any = false;
       for (int64_t c = plan.first[b]; c < plan.first[b + 1]; ++c) {
         if (count[c] == 0) continue;
@@ -990,6 +1014,65 @@ Weights<T> weights(const at::Tensor& down_weight, const at::Tensor& pool_weight,
   return w;
 }
 
+// The pass over H, forward: A, Z, n from Wdp^T and c; with `sel`, per-sequence weight sets.
+template <typename S>
+void pass_forward(const Layout& lay, const at::Tensor& h, const typename Kernels<S>::T* wdp,
+                  const typename Kernels<S>::T* c, const int32_t* sel, int64_t want, at::Tensor& a,
+                  at::Tensor& z, at::Tensor& n) {
+  using T = typename Kernels<S>::T;
+  const int64_t L = lay.L, d = lay.d;
+  const Plan plan = plan_chunks(lay, want);
+  const int64_t nc = static_cast<int64_t>(plan.chunks.size());
+  std::vector<T> zpart(static_cast<size_t>(nc * L * d)), mpart(static_cast<size_t>(nc * L)),
+      dpart(static_cast<size_t>(nc * L));
+  std::vector<int64_t> count(static_cast<size_t>(nc), 0);
+  FwdArgs<S, T> args{lay, plan.chunks.data(), h.data_ptr<S>(), wdp, c, sel, a.data_ptr<T>(),
+                     zpart.data(), mpart.data(), dpart.data(), count.data()};
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) { Kernels<S>::fwd(args, c0, c1); });
+  fwd_finish<T>(lay, plan, zpart.data(), mpart.data(), dpart.data(), count.data(), a.data_ptr<T>(),
+                z.data_ptr<T>(), n.data_ptr<T>());
+}
+
+// The pass over H, backward: gH and gWdp^T (sets, L, d) from gZ; with `sel`, set `sel[b]` of
+// sequence b gets its sum (in batch order), and a skipped sequence gets gH = 0.
+template <typename S>
+void pass_backward(const Layout& lay, const at::Tensor& h, const typename Kernels<S>::T* wdp,
+                   const typename Kernels<S>::T* gz, const int32_t* sel, int64_t sets, int64_t want,
+                   const at::Tensor& a, const at::Tensor& z, at::Tensor& gh,
+                   typename Kernels<S>::T* gwdp) {
+  using T = typename Kernels<S>::T;
+  const int64_t L = lay.L, d = lay.d, B = lay.B, BL = B * L;
+  const T* zp = z.data_ptr<T>();
+  // delta = Z . gZ, accumulated in double: gE subtracts it from gA.
+  std::vector<T> delta(static_cast<size_t>(BL));
+  at::parallel_for(0, BL, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      double s = 0.0;
+      for (int64_t k = 0; k < d; ++k) s += static_cast<double>(zp[m * d + k]) * static_cast<double>(gz[m * d + k]);
+      delta[m] = static_cast<T>(s);
+    }
+  });
+
+  const Plan plan = plan_chunks(lay, want);
+  const int64_t nc = static_cast<int64_t>(plan.chunks.size());
+  std::vector<T> gwpart(static_cast<size_t>(nc * L * d));
+  std::vector<double> dpart(static_cast<size_t>(nc * L), 0.0);
+  std::vector<int64_t> count(static_cast<size_t>(nc), 0);
+  BwdArgs<S, T> args{lay, plan.chunks.data(), h.data_ptr<S>(), wdp, sel, gz, delta.data(), a.data_ptr<T>(),
+                     gh.data_ptr<S>(), gwpart.data(), dpart.data(), count.data()};
+  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) { Kernels<S>::bwd(args, c0, c1); });
+
+  // corr = delta - sum_s A gA per (b, l), the chunk sums added in chunk order.
+  std::vector<T> corr(static_cast<size_t>(BL), T(0));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l) {
+      double sum = 0.0;
+      for (int64_t c = plan.first[b]; c < plan.first[b + 1]; ++c) sum += dpart[c * L + l];
+      corr[b * L + l] = delta[b * L + l] - static_cast<T>(sum);
+    }
+  bwd_finish<T>(lay, plan, gwpart.data(), count.data(), zp, corr.data(), gwdp, sel, sets);
+}
+
 template <typename S>
 void run_forward(const Layout& lay, const at::Tensor& h, const at::Tensor& down_weight,
                  const at::Tensor& down_bias, const at::Tensor& pool_weight, at::Tensor& u,
@@ -1010,17 +1093,8 @@ void run_forward(const Layout& lay, const at::Tensor& h, const at::Tensor& down_
     c[l] = static_cast<T>(s);
   }
 
-  const Plan plan = plan_chunks(lay);
-  const int64_t nc = static_cast<int64_t>(plan.chunks.size());
-  std::vector<T> zpart(static_cast<size_t>(nc * L * d)), mpart(static_cast<size_t>(nc * L)),
-      dpart(static_cast<size_t>(nc * L));
-  std::vector<int64_t> count(static_cast<size_t>(nc), 0);
-  FwdArgs<S, T> args{lay, plan.chunks.data(), h.data_ptr<S>(), wdp.data(), c.data(), a.data_ptr<T>(),
-                     zpart.data(), mpart.data(), dpart.data(), count.data()};
-  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) { Kernels<S>::fwd(args, c0, c1); });
+  pass_forward<S>(lay, h, wdp.data(), c.data(), nullptr, 0, a, z, n);
   const T* nv = n.data_ptr<T>();
-  fwd_finish<T>(lay, plan, zpart.data(), mpart.data(), dpart.data(), count.data(), a.data_ptr<T>(),
-                z.data_ptr<T>(), n.data_ptr<T>());
 
   // U = Z Wd^T + n bd, via U^T (r, B L) = Wd Z^T.
   std::vector<T> ut(static_cast<size_t>(r * BL));
@@ -1050,33 +1124,8 @@ void run_backward(const Layout& lay, const at::Tensor& grad_u, const at::Tensor&
   project_all<T>(wd, r, d, w.p.data(), L + BL, proj.data());
   const T* wdp = proj.data();
   const T* gz = proj.data() + L * d;
-  // delta = Z . gZ, accumulated in double: gE subtracts it from gA.
-  std::vector<T> delta(static_cast<size_t>(BL));
-  for (int64_t m = 0; m < BL; ++m) {
-    double s = 0.0;
-    for (int64_t k = 0; k < d; ++k) s += static_cast<double>(zp[m * d + k]) * static_cast<double>(gz[m * d + k]);
-    delta[m] = static_cast<T>(s);
-  }
-
-  const Plan plan = plan_chunks(lay);
-  const int64_t nc = static_cast<int64_t>(plan.chunks.size());
-  std::vector<T> gwpart(static_cast<size_t>(nc * L * d));
-  std::vector<double> dpart(static_cast<size_t>(nc * L), 0.0);
-  std::vector<int64_t> count(static_cast<size_t>(nc), 0);
-  BwdArgs<S, T> args{lay, plan.chunks.data(), h.data_ptr<S>(), wdp, gz, delta.data(), a.data_ptr<T>(),
-                     gh.data_ptr<S>(), gwpart.data(), dpart.data(), count.data()};
-  at::parallel_for(0, nc, 1, [&](int64_t c0, int64_t c1) { Kernels<S>::bwd(args, c0, c1); });
-
-  // corr = delta - sum_s A gA per (b, l), the chunk sums added in chunk order.
-  std::vector<T> corr(static_cast<size_t>(BL), T(0));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t l = 0; l < L; ++l) {
-      double sum = 0.0;
-      for (int64_t c = plan.first[b]; c < plan.first[b + 1]; ++c) sum += dpart[c * L + l];
-      corr[b * L + l] = delta[b * L + l] - static_cast<T>(sum);
-    }
   std::vector<T> gwdp(static_cast<size_t>(L * d));
-  bwd_finish<T>(lay, plan, gwpart.data(), count.data(), zp, corr.data(), gwdp.data());
+  pass_backward<S>(lay, h, wdp, gz, nullptr, 1, 0, a, z, gh, gwdp.data());
 
   // gWd = Wp^T gWdp^T + sum_b gU_b^T Z_b, 16 rows a task; in place for float/double outputs.
   {
@@ -1192,5 +1241,121 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd(
                 a.contiguous(), z.contiguous(), n.contiguous(), gh, g_wd, g_bd, g_wp);
   return {gh, g_wd, g_bd, g_wp};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Internals for the multi-tenant generator (csrc/pool_pass.h)
+// ---------------------------------------------------------------------------------------------
+
+namespace detail {
+namespace {
+
+// Chunks per sequence in the multi-tenant pass, fixed so a request's arithmetic is that of the
+// request alone (a mixed batch's results per tenant are bitwise those of its sub-batches).
+constexpr int64_t kSetChunks = kMinTasks;
+
+template <typename S>
+void set_forward(const Layout& lay, const at::Tensor& h, const at::Tensor& wdp, const at::Tensor& c,
+                 const int32_t* sel, at::Tensor& a, at::Tensor& z, at::Tensor& n) {
+  using T = typename Kernels<S>::T;
+  pass_forward<S>(lay, h, wdp.data_ptr<T>(), c.data_ptr<T>(), sel, kSetChunks, a, z, n);
+}
+
+template <typename S>
+void set_backward(const Layout& lay, const at::Tensor& h, const at::Tensor& wdp, const int32_t* sel,
+                  const at::Tensor& a, const at::Tensor& z, const at::Tensor& gz, at::Tensor& gh,
+                  at::Tensor& gwdp) {
+  using T = typename Kernels<S>::T;
+  pass_backward<S>(lay, h, wdp.data_ptr<T>(), gz.data_ptr<T>(), sel, gwdp.size(0), kSetChunks, a, z, gh,
+                   gwdp.data_ptr<T>());
+}
+
+Layout set_layout(const char* fn, const at::Tensor& h, const c10::optional<at::Tensor>& mask,
+                  const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                  const at::Tensor& down_weight, const at::Tensor& pool_weight, const at::Tensor& wdp,
+                  const at::Tensor& sel, at::Tensor& hc, at::Tensor& mask_c, at::Tensor& cu_c) {
+  Layout lay = check_common(fn, h, mask, cu_seqlens, down_weight, pool_weight, max_seqlen);
+  hc = h.contiguous();
+  if (lay.packed)
+    cu_c = cu_seqlens->contiguous();
+  else
+    mask_c = mask->contiguous();
+  bind_layout(fn, lay, hc, mask_c, cu_c);
+  const auto ct = compute_type(h.scalar_type());
+  TORCH_CHECK(wdp.scalar_type() == ct && wdp.is_contiguous() && wdp.dim() == 3 && wdp.size(1) == lay.L &&
+                  wdp.size(2) == lay.d, fn, ": wdp must be contiguous (sets, L, d) of dtype ", ct);
+  TORCH_CHECK(sel.scalar_type() == at::kInt && sel.is_contiguous() && sel.numel() == lay.B, fn,
+              ": sel must be a contiguous (B,) int32 tensor");
+  const int32_t* s = sel.data_ptr<int32_t>();
+  for (int64_t b = 0; b < lay.B; ++b)
+    TORCH_CHECK(s[b] >= -1 && s[b] < wdp.size(0), fn, ": sel[", b, "] = ", s[b], " is not in [-1, ",
+                wdp.size(0), ")");
+  return lay;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_pass_fwd(
+    const char* fn, const at::Tensor& h, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const at::Tensor& down_weight,
+    const at::Tensor& pool_weight, const at::Tensor& wdp, const at::Tensor& c, const at::Tensor& sel) {
+  at::Tensor hc, mask_c, cu_c;
+  Layout lay = set_layout(fn, h, mask, cu_seqlens, max_seqlen, down_weight, pool_weight, wdp, sel, hc, mask_c,
+                          cu_c);
+  TORCH_CHECK(c.scalar_type() == wdp.scalar_type() && c.is_contiguous() && c.dim() == 2 &&
+                  c.size(0) == wdp.size(0) && c.size(1) == lay.L, fn, ": c must be contiguous (sets, L)");
+  const auto opts = h.options().dtype(wdp.scalar_type());
+  at::Tensor a = at::empty({lay.B, lay.S, lay.L}, opts);
+  at::Tensor z = at::empty({lay.B, lay.L, lay.d}, opts);
+  at::Tensor n = at::empty({lay.B}, opts);
+  IAPT_DISPATCH(h.scalar_type(), set_forward, lay, hc, wdp, c, sel.data_ptr<int32_t>(), a, z, n);
+  return {a, z, n};
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_pass_bwd(
+    const char* fn, const at::Tensor& h, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, const at::Tensor& down_weight,
+    const at::Tensor& pool_weight, const at::Tensor& wdp, const at::Tensor& sel, const at::Tensor& a,
+    const at::Tensor& z, const at::Tensor& gz) {
+  at::Tensor hc, mask_c, cu_c;
+  Layout lay = set_layout(fn, h, mask, cu_seqlens, max_seqlen, down_weight, pool_weight, wdp, sel, hc, mask_c,
+                          cu_c);
+  const auto ct = wdp.scalar_type();
+  for (const at::Tensor* t : {&a, &z, &gz})
+    TORCH_CHECK(t->scalar_type() == ct && t->is_contiguous(), fn, ": a, z, gz must be contiguous, of dtype ", ct);
+  TORCH_CHECK(a.dim() == 3 && a.size(0) == lay.B && a.size(1) == lay.S && a.size(2) == lay.L, fn,
+              ": a must be (B, S, L)");
+  TORCH_CHECK(z.sizes() == gz.sizes() && z.dim() == 3 && z.size(0) == lay.B && z.size(1) == lay.L &&
+                  z.size(2) == lay.d, fn, ": z and gz must be (B, L, d)");
+  at::Tensor gh = at::empty(hc.sizes(), hc.options());
+  advise_huge_pages(gh);
+  at::Tensor gwdp = at::empty(wdp.sizes(), wdp.options());
+  IAPT_DISPATCH(h.scalar_type(), set_backward, lay, hc, wdp, sel.data_ptr<int32_t>(), a, z, gz, gh, gwdp);
+  return {gh, gwdp};
+}
+
+void project_rows(const float* w, int64_t rows, int64_t len, const float* p, int64_t np, float* out,
+                  int64_t k0, int64_t k1) {
+  project(w, rows, len, p, np, out, k0, k1);
+}
+void project_rows(const double* w, int64_t rows, int64_t len, const double* p, int64_t np, double* out,
+                  int64_t k0, int64_t k1) {
+  project(w, rows, len, p, np, out, k0, k1);
+}
+void dot_rows(const float* w, int64_t len, const float* q, int64_t nq, float* out, int64_t j0, int64_t j1) {
+  wd_dots_mv(w, len, q, nq, out, j0, j1);
+}
+void dot_rows(const double* w, int64_t len, const double* q, int64_t nq, double* out, int64_t j0, int64_t j1) {
+  wd_dots_mv(w, len, q, nq, out, j0, j1);
+}
+void outer_rows(const float* const* x, int nx, const float* coef, int64_t ldc, int64_t len, float* out,
+                int64_t j0, int64_t j1) {
+  wd_grad_mv(x, nx, coef, ldc, len, out, j0, j1);
+}
+void outer_rows(const double* const* x, int nx, const double* coef, int64_t ldc, int64_t len, double* out,
+                int64_t j0, int64_t j1) {
+  wd_grad_mv(x, nx, coef, ldc, len, out, j0, j1);
+}
+
+}  // namespace detail
 
 }  // namespace iapt

@@ -169,13 +169,14 @@ def _(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, 
 
 
 # --------------------------------------------------------------------------- multi_tenant_generator
-# The CPU fast path composes the single-tenant C++ ops per tenant (modules/multi_tenant.py), so these
-# ops run Triton only: on CUDA, or on CPU tensors in the interpreter.
+# CPU tensors run the one-pass C++ kernels (csrc/multi_tenant.cpp), or Triton in the interpreter.
 
 
-def _triton_only(backend: str, device: torch.device) -> None:
-    if device.type == "cpu" and backend != "triton":
-        raise ValueError(f"iapt::multi_tenant_generator runs Triton kernels only, got backend={backend!r} on CPU")
+def _multi_tenant_cpp(backend: str, device: torch.device, name: str):
+    """The C++ kernel `name` for CPU tensors with backend "cpp"; None where Triton runs."""
+    if device.type != "cpu" or backend == "triton":
+        return None
+    return _cpu_or_triton(backend, None, name)
 
 
 @torch.library.custom_op("iapt::multi_tenant_generator_fwd", mutates_args=())
@@ -200,7 +201,10 @@ def multi_tenant_generator_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-tenant generator forward: `(P, A, Z, U, G, n, Wdp)`; see `iapt_kernels.ops.multi_tenant_generator`."""
-    _triton_only(backend, hidden_states.device)
+    cpp = _multi_tenant_cpp(backend, hidden_states.device, "multi_tenant_generator_fwd")
+    if cpp is not None:
+        return tuple(cpp(hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, down_bias,
+                         pool_weight, numerator, denominator, up_weight, up_bias, version == "B", max_seqlen))
     return _multi_tenant.multi_tenant_generator_fwd(
         hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
         pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen)
@@ -245,22 +249,32 @@ def multi_tenant_generator_bwd(
     version: str,
     max_seqlen: int,
     backend: str,
+    absent: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`."""
-    _triton_only(backend, hidden_states.device)
+    """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`, the weight gradients
+    in their weights' dtypes (`gnum`, `gden` in the compute dtype); `absent` (TenantGroups.absent), the
+    tenants whose gradient slices are only zero-filled."""
+    cpp = _multi_tenant_cpp(backend, hidden_states.device, "multi_tenant_generator_bwd")
+    if cpp is not None:
+        gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = cpp(
+            grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, pool_weight,
+            numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty, pool_product,
+            version == "B", max_seqlen)
+        wdt, pdt, udt = down_weight.dtype, pool_weight.dtype, up_weight.dtype
+        return gh, gwd.to(wdt), gbd.to(wdt), gwp.to(pdt), gnum, gden, gwu.to(udt), gbu.to(udt)
     return _multi_tenant.multi_tenant_generator_bwd(
         grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
         pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
-        pool_product, version, max_seqlen)
+        pool_product, version, max_seqlen, absent)
 
 
 @multi_tenant_generator_bwd.register_fake
 def _(grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
       pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
-      pool_product, version, max_seqlen, backend):
+      pool_product, version, max_seqlen, backend, absent=None):
     T, r, d = down_weight.shape
     L = pool_weight.shape[1]
-    new = numerator.new_empty
-    return (hidden_states.new_empty(hidden_states.shape), new((T, r, d)), new((T, r)), new((T, L, r)),
-            torch.empty_like(numerator), torch.empty_like(denominator), new((T, d, r)), new((T, d)))
+    wd, wp, wu = down_weight.new_empty, pool_weight.new_empty, up_weight.new_empty
+    return (hidden_states.new_empty(hidden_states.shape), wd((T, r, d)), wd((T, r)), wp((T, L, r)),
+            torch.empty_like(numerator), torch.empty_like(denominator), wu((T, d, r)), wu((T, d)))

@@ -55,3 +55,14 @@ def test_attention_pool_streams_hidden_states_with_wide_loads(records):
     for r in records:
         if "attention_pool" in r["kernel"] and r["config"]["L_PAD"] == 4:
             assert r["instructions"]["LDG.E.128"] > 0, r
+
+
+def test_multi_tenant_products_use_tensor_cores(records):
+    # bf16 in the sample: every segmented product (not the colsum-only sums) runs on HMMA/HGMMA.
+    products = [r for r in records if r["kernel"] in ("_multi_tenant_generator_matmul_kernel",
+                                                      "_multi_tenant_generator_wgrad_kernel")
+                and r["config"]["call"] not in ("gwdp", "coef")]
+    assert products
+    for r in products:
+        assert r["instructions"]["HMMA"] + r["instructions"]["HGMMA"] > 0, r
+        assert r["instructions"]["RED"] == 0 and r["instructions"]["ATOM"] == 0, r

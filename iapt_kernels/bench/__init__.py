@@ -17,7 +17,9 @@ Three parts, one progress bar:
 3. End to end (:mod:`iapt_kernels.bench.e2e`): multi-tenant generation on a tiny random Llama, IAPT
    against multi-LoRA (PEFT mixed batch) at equal trainable parameters per tenant.
 
-The case list is shared with the pytest-benchmark suite under `benchmarks/`.
+The case list is shared with the pytest-benchmark suite under `benchmarks/`. A tenant sweep
+(:mod:`iapt_kernels.bench.tenants`: 1, 4, 16, 64 tenants at a fixed batch, fused against the loop)
+follows unless `--no-tenant-sweep`; `--tenant-sweep-only` runs it alone.
 """
 
 from __future__ import annotations
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="do not time torch.compile(reference)")
     p.add_argument("--min-time", type=float, default=None, metavar="S",
                    help="CPU: least seconds of repeated runs per timing (default 0.5)")
+    p.add_argument("--no-tenant-sweep", action="store_true", help="skip the tenant sweep (tenants.csv/.md/.png)")
+    p.add_argument("--tenant-sweep-only", action="store_true", help="run the tenant sweep alone")
     p.add_argument("--from-json", metavar="FILE",
                    help="measure nothing: re-render the report, CSVs and plots of a results.json into --out")
     args = p.parse_args(argv)
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda needs a CUDA GPU; none is visible")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and args.device == "cpu":
         print("note: TRITON_INTERPRET is set; Triton is not timed on CPU", file=sys.stderr)
+    if args.tenant_sweep_only:
+        return _tenant_sweep(args, [])
     result = run(args, argv)
     print(f"\n{result['machine']}, {result['date']}, {result['wall_s']:.0f} s\n")
     if result["ops"]:
@@ -210,4 +216,41 @@ def main(argv: list[str] | None = None) -> int:
     written = write_outputs(args.out, result)
     report = os.path.join(args.out, "report.md")
     print(f"\nwrote {', '.join(os.path.basename(w) for w in written)} under {args.out}/ (read {report})")
+    if not args.no_tenant_sweep and not args.quick and not args.no_ops:
+        return _tenant_sweep(args, written)
+    return 0
+
+
+def _tenant_sweep(args, written) -> int:
+    """The tenant sweep (:mod:`iapt_kernels.bench.tenants`), written beside the report."""
+    from .tenants import sweep_steps, tenant_sweep, write_sweep
+
+    if not multi_tenant_available():
+        print("tenant sweep skipped: MultiTenantPromptGenerator is not importable", file=sys.stderr)
+        return 0
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if args.device == "cpu":
+        _configure_malloc(args.malloc)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sweep_steps(args.device), desc="tenant sweep", unit="step", file=sys.stderr)
+    timer = None
+    if args.min_time is not None and args.device == "cpu":
+        import functools
+
+        timer = functools.partial(time_cpu, min_time=args.min_time, min_reps=3 if args.min_time < 0.1 else 5)
+    load0 = _load()
+    try:
+        records = tenant_sweep(args.device, timer=timer, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"{machine_description(args.device)}, {stamp}; 1-minute load average {load0} at the start, "
+              f"{_load()} at the end, on {os.cpu_count()} cores")
+    paths = write_sweep(args.out, records, header)
+    print(open(paths[1]).read())
+    print(f"wrote {', '.join(os.path.basename(w) for w in written + paths)} under {args.out}/")
     return 0

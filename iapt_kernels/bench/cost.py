@@ -239,17 +239,20 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     i mod T), every request with an adapter. Forward: `TenantGroups.build` (small index ops, counted);
     Wdp_t (K, d, L) by `_multi_tenant_generator_matmul_kernel` reading each present tenant's Wp, Wd once,
     and c_t (gathers + einsum); the two attention-pool passes over H (as attention_pool, each request
-    with its tenant's Wdp); `mask.any` + cast; one matmul kernel U = Z Wd_t^T + n bd_t with the rational
-    epilogue writing U and G; one matmul kernel P = G Wu_t^T + bu_t.
+    with its tenant's Wdp); `mask.any` + cast; U = Z Wd_t^T split over d (P = ceil(d / 128) fp32
+    partials of U written and read back) and the split-sum kernel adding n bd_t and writing U and
+    G = R_t(U); one matmul kernel P = G Wu_t^T + bu_t.
 
-    Backward: the matmul kernel with the rational-backward epilogue (gU from gP, Wu_t, U; coefficient
-    partials), their fixed-order sums and scatter into zeroed (T, .) gradients; zero-filled gWu, gbu,
-    gWd, gbd, gWp for all T tenants; the wgrad kernel for gWu, gbu (reads gP, G); the matmul kernel gZ =
-    gU Wd_t; the wgrad kernel for gWd, gbd (reads gU, Z); the two attention-pool backward passes over H
-    (write gH and per-request gWdp partials); the wgrad kernel summing the partials per tenant; two
-    matmul kernels for gWp_t and the Wp-term of gWd_t (accumulating: reads and writes gWd).
+    Backward: gG = gP Wu_t split over d, the split-sum kernel with the rational-backward epilogue (gU,
+    per-row coefficient partials) and their fixed-order sums and scatter; gWu, gbu, gWd, gbd, gWp
+    allocated in the parameter dtype with only the absent tenants' slices zero-filled; the wgrad
+    kernel for gWu, gbu (reads gP, G); the matmul kernel gZ = gU Wd_t; the two attention-pool backward
+    passes over H (write gH and per-request gWdp partials); the wgrad kernel summing the partials per
+    tenant; the wgrad kernel for gWd (sum gU^T Z and Wp_t^T gWdp_t^T in one accumulator) and gbd;
+    gWp_t = gWdp_t^T Wd_t^T split over d and its split-sum.
     `K` = the number of present tenants (default: round robin, min(T, B))."""
     K = min(T, B) if K is None else K
+    P = max(1, -(-d // 128))  # splits of the reductions over d (ops.multi_tenant_generator.split_count)
     H = B * S * d
     rows = f * H * s
     mask = B * S
@@ -263,28 +266,26 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     nbytes += mask + rows + kdl + sl  # scores kernel
     nbytes += sl + mask + rows + sl + ld  # pooling kernel
     nbytes += mask + B + B + B * C  # n
-    nbytes += ld + K * w + K * r * s + B * C + 2 * lr  # U and G
+    nbytes += ld + K * w + 2 * P * lr + K * r * s + B * C + 2 * lr  # U partials, split-sum, U and G
     nbytes += lr + K * w + K * d * s + B * L * d * s  # P
     flops = 2 * K * L * r * d + 2 * K * L * r + 4 * B * S * d * L + 5 * B * S * L + B * S
-    flops += 2 * B * L * d * r + B * L * r * (2 * (k + n) + 4) + 2 * B * L * r * d
-    launches = _group_launches(T, B) + 10
+    flops += 2 * B * L * d * r + P * B * L * r + B * L * r * (2 * (k + n) + 4) + 2 * B * L * r * d
+    launches = _group_launches(T, B) + 11
     if mode == "fwd+bwd":
         gp = B * L * d * s
-        nbytes += gp + K * w + lr + lr  # gU (+ partials, small)
+        nbytes += gp + K * w + 2 * P * lr + lr + lr  # gG partials, split-sum: gU (+ coefficient partials)
         nbytes += 4 * T * (k + n) * C  # coefficient sums, zero fills, scatters (small)
-        nbytes += T * d * r * C + T * d * C  # zero gWu, gbu
-        nbytes += gp + lr + K * d * r * C + K * d * C  # wgrad gWu, gbu
+        nbytes += (T - K) * (d * r + d + r * d + r + L * r) * s  # zero-fill the absent tenants' slices
+        nbytes += gp + lr + K * d * r * s + K * d * s  # wgrad gWu, gbu
         nbytes += lr + K * w + ld  # gZ
-        nbytes += T * r * d * C + T * r * C  # zero gWd, gbd
-        nbytes += lr + ld + B * C + K * r * d * C + K * r * C  # wgrad gWd, gbd
         nbytes += mask + rows + ld + sl  # bwd scores kernel
         nbytes += 2 * sl + ld + kdl + mask + rows + H * s + ld  # bwd kernel: gH, partials
         nbytes += ld + K * L * d * C  # per-tenant sum of the partials
-        nbytes += T * L * r * C + K * L * d * C + K * w + K * L * r * C  # zero gWp, gWp_t
-        nbytes += K * L * r * s + K * L * d * C + 2 * K * r * d * C  # gWd_t += Wp_t^T gWdp_t^T
-        flops += 2 * B * L * d * r + B * L * r * (4 * (k + n) + 10) + 4 * B * L * d * r + 2 * B * L * r * d
-        flops += 2 * B * S * d * L + 6 * B * S * L * d + B * L * d + 4 * K * L * d * r
-        launches += 20
+        nbytes += lr + ld + B * C + K * L * r * s + K * L * d * C + K * r * d * s + K * r * s  # wgrad gWd, gbd
+        nbytes += K * L * d * C + K * w + 2 * P * K * L * r * C + K * L * r * s  # gWp_t split + split-sum
+        flops += 2 * B * L * d * r + P * B * L * r + B * L * r * (4 * (k + n) + 10) + 4 * B * L * d * r
+        flops += 2 * B * L * r * d + 2 * B * S * d * L + 6 * B * S * L * d + B * L * d + 4 * K * L * d * r
+        launches += 22
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 
