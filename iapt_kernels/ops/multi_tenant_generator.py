@@ -439,7 +439,7 @@ def multi_tenant_generator_bwd(gp, h, mask, cu_seqlens, order, seg_start, seg_te
     _wgrad(gu, (L * r, r, 1), z, (L * d, d, 1), groups, L, r, d, y=gwd, y_strides=(r * d, d, 1),
            yb=gbd, yb_stride=r, scale=n, fp64=fp64)
 
-    gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=(order, wsel))
+    gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=(order, wsel), z=z)
     # gWdp_t^T (K, L, d): each tenant's per-request partials, summed in segment order.
     gwdp_t = torch.empty((K, L, d), **kw)
     _wgrad(gw_partial, (L * d, 0, 1), None, (0, 0, 0), groups, 1, L * d, 1, yb=gwdp_t, yb_stride=L * d,
