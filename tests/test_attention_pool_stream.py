@@ -11,7 +11,6 @@ import torch
 from helpers import TOLERANCE, rel_err
 
 import iapt_kernels
-from iapt_kernels import reference
 from iapt_kernels.ops import attention_pool as ap
 
 pytestmark = pytest.mark.skipif(

@@ -233,7 +233,7 @@ def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: 
     nbytes += B * r * C + ld + wd + B * L * r * C  # baddbmm
     flops = 2 * d * r * L + 2 * r * L + 4 * B * S * d * L + 6 * B * S * L + 2 * B * L * d + B * S
     flops += B * r + 2 * B * L * d * r + B * L * r
-    launches = 11
+    launches = 12
     if mode == "fwd+bwd":
         gu = B * L * r * C
         nbytes += wd + L * r * C + d * L * C  # Wdp
@@ -245,7 +245,7 @@ def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: 
         nbytes += wd + d * L * C + r * L * C  # gWp
         flops += 2 * d * r * L + 2 * B * L * r * d + 2 * B * L * d + 2 * B * S * d * L + 6 * B * S * L * d
         flops += 4 * B * L * d + 2 * (B + 1) * L * r * d + 2 * B * L * r + 2 * r * d * L
-        launches += 17
+        launches += 18
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 
@@ -293,10 +293,7 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     matmul kernels for gWp_t and the Wp-term of gWd_t (accumulating: reads and writes gWd).
     `K` = the number of present tenants (default: round robin, min(T, B))."""
     K = min(T, B) if K is None else K
-    H = B * S * d
-    rows = f * H * s
     mask = B * S
-    sl = B * S * L * C
     ld = B * L * d * C
     lr = B * L * r * C
     w = r * d * s  # one tenant's Wd (or Wu) in the parameter dtype
@@ -309,7 +306,7 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     nbytes += lr + K * w + K * d * s + B * L * d * s  # P
     flops = 2 * K * L * r * d + 2 * K * L * r + 4 * B * S * d * L + 5 * B * S * L + B * S
     flops += 2 * B * L * d * r + B * L * r * (2 * (k + n) + 4) + 2 * B * L * r * d
-    launches = _group_launches(T, B) + 10
+    launches = _group_launches(T, B) + 14
     if mode == "fwd+bwd":
         gp = B * L * d * s
         nbytes += gp + K * w + lr + lr  # gU (+ partials, small)
@@ -325,7 +322,7 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
         nbytes += K * L * r * s + K * L * d * C + 2 * K * r * d * C  # gWd_t += Wp_t^T gWdp_t^T
         flops += 2 * B * L * d * r + B * L * r * (4 * (k + n) + 10) + 4 * B * L * d * r + 2 * B * L * r * d
         flops += 2 * B * S * d * L + 6 * B * S * L * d + B * L * d + 4 * K * L * d * r
-        launches += 20
+        launches += 30
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 

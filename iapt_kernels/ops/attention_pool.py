@@ -212,18 +212,18 @@ def _attention_pool_combine_kernel(
     st_ptr += p.to(tl.int64) * NCHUNK * 2 * L_PAD
     zp_ptr += p.to(tl.int64) * NCHUNK * L * D
     big_m = tl.full([L_PAD], float("-inf"), dtype=cdt)
-    for k in range(0, nk):
+    for k in range(nk):
         big_m = tl.maximum(big_m, tl.load(st_ptr + k * 2 * L_PAD + lanes))
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     total = tl.zeros([L_PAD], dtype=cdt)
     z = tl.zeros([L_PAD, BLOCK_D], dtype=cdt)
-    for k in range(0, nk):
+    for k in range(nk):
         scale = tl.exp(tl.load(st_ptr + k * 2 * L_PAD + lanes) - big_m)
         total += scale * tl.load(st_ptr + k * 2 * L_PAD + L_PAD + lanes)
         zk = tl.load(zp_ptr + k * L * D + lanes[:, None] * D + dd[None, :], mask=lmask[:, None] & dmask[None, :],
                      other=0.0)
         z += scale[:, None] * zk
-    inv = tl.where(total > 0, 1.0 / total, 0.0)  # an empty instruction pools to U = 0
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # an empty instruction pools to U = 0
     out = (b.to(tl.int64) * L + lanes)[:, None] * D + dd[None, :]
     tl.store(z_ptr + out, z * inv[:, None], mask=lmask[:, None] & dmask[None, :])
     # An empty sequence has E = -inf everywhere: lse 0 keeps A = exp(E - lse) at 0, not NaN.
