@@ -72,7 +72,7 @@ def test_lengths_across_chunk_boundaries(num_sms, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_sequence_inside_one_chunk_beside_an_empty_one(dtype, monkeypatch):
-    monkeypatch.setattr(ap, "NUM_SMS", 4)  # chunk_size(3, 300) = 128 tokens
+    monkeypatch.setattr(ap, "NUM_SMS", 7)  # chunk_size(3, 300) = 128 tokens
     assert ap.chunk_size(3, 300) == 128
     B, S, d, r, L = 3, 300, 40, 8, 5
     gen = _seed("inside", dtype)
@@ -87,7 +87,7 @@ def test_one_sequence_inside_one_chunk_beside_an_empty_one(dtype, monkeypatch):
     assert torch.all(out["U"][1] == 0)
 
 
-@pytest.mark.parametrize("num_sms", [ap.NUM_SMS, 6], ids=["chunks_of_32", "chunks_of_many_blocks"])
+@pytest.mark.parametrize("num_sms", [ap.NUM_SMS, 13], ids=["chunks_of_32", "chunks_of_many_blocks"])
 def test_packed_sequences_of_very_different_lengths(num_sms, monkeypatch):
     monkeypatch.setattr(ap, "NUM_SMS", num_sms)
     lengths = [1, 700, 0, 37, 129, 64]

@@ -86,9 +86,10 @@ def block_sizes(L: int, itemsize: int = 4) -> tuple[int, int, int]:
 
 def chunk_size(programs_per_chunk: int, S: int, block_s: int = BLOCK_S) -> int:
     """Tokens per program: the largest power-of-two multiple of `block_s` for which the
-    `programs_per_chunk * cdiv(S, chunk)` programs still cover `NUM_SMS`."""
+    `programs_per_chunk * cdiv(S, chunk)` programs still cover `NUM_SMS`, and no longer than needed
+    for one chunk to hold all S positions."""
     chunk = block_s
-    while programs_per_chunk * triton.cdiv(S, 2 * chunk) >= NUM_SMS:
+    while chunk < S and programs_per_chunk * triton.cdiv(S, 2 * chunk) >= NUM_SMS:
         chunk *= 2
     return chunk
 
