@@ -53,6 +53,15 @@ def _check_against_reference(h, mask, weights, gen, tol, context, cu_seqlens=Non
 # --------------------------------------------------------------------------- chunk boundaries
 
 
+def test_chunks_cover_the_sms_without_walking_past_a_sequence():
+    assert ap.NUM_SMS == 132
+    assert ap.chunk_size(1, 4096) == 32  # 128 programs: every 32-row block its own program
+    assert ap.chunk_size(8, 512) == 32  # the default shape: 128 programs
+    assert ap.chunk_size(64, 2048) == 512  # 256 programs of 16 row blocks each
+    assert ap.chunk_size(1000, 100) == 128  # the batch alone fills the GPU: one chunk a sequence
+    assert ap.chunk_size(3, 0) == 32
+
+
 @pytest.mark.parametrize("num_sms", [ap.NUM_SMS, 3], ids=["chunks_of_32", "chunks_of_many_blocks"])
 def test_lengths_across_chunk_boundaries(num_sms, monkeypatch):
     """S from 1 to 4099 (B = 1 at S = 4099), with the default chunking (one row block a program at
