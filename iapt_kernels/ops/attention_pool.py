@@ -33,7 +33,7 @@ touches; `_attention_pool_combine_kernel` then merges the chunks of each sequenc
 (log-sum-exp: `Z = sum_c exp(m_c - M) Z_c / sum_c exp(m_c - M) l_c`) and writes `Z` and the
 log-sum-exp per (sequence, token); `A = exp(E - lse)` is a small elementwise op on `(B, S, L)`.
 
-Backward: `delta = <Z, gZ>` comes first, from the saved `Z` (in float64, then rounded). One program
+Backward: `delta = <Z, gZ>` comes first, from the saved `Z` (summed in float64). One program
 per (sequence, chunk) then reads each block of rows for `gA = H gZ^T` (first sweep over `d`), forms
 `gE = A (gA - delta)`, and in a second sweep over the same (L2-hot) rows writes `gH = A gZ + gE Wdp^T`
 once and folds `H^T gE` into a per-program `gWdp` partial. Partials are summed over chunks in a fixed
@@ -42,13 +42,14 @@ added in chunk order (as `csrc/attention_pool.cpp` does): `gWdp += Z (delta - su
 weight gradients are those of the two-pass formulation even where rounding separates the two deltas.
 
 Chunks: `CHUNK` is a power-of-two multiple of `BLOCK_S`, the largest that still gives every SM a
-program (`NUM_SMS`), so a short batch fills the GPU and a long one writes few partials. In a packed
+program (`NUM_SMS`), so a short batch fills the GPU and a long one writes few partials: they cost
+`L x d x 4` bytes a program each way, 1/8 of H at the default shape in fp32. In a packed
 batch a program whose chunk starts past its sequence's end returns at once (backward: after writing
 zero partials), so no program walks to `max_seqlen`.
 
 The loops over `d` are `tl.range(..., num_stages=NUM_STAGES)` around `tl.dot`, which Triton software-
-pipelines (cp.async on sm_80, TMA or cp.async on sm_90); L is padded to 16 for the tensor-core shapes.
-fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
+pipelines (cp.async, `LDGSTS`, on sm_80 and sm_90: see the static report); L is padded to 16 for the
+tensor-core shapes. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
 rows are converted to fp32 and multiplied at "tf32x3" (a bf16 or fp16 value is exact in TF32, the
 fp32 weights are split in two), so every input dtype keeps fp32 accumulation. No atomics: every
 reduction has a fixed order and results are bitwise reproducible. Masked positions are never loaded,
@@ -67,7 +68,7 @@ import triton.language as tl
 
 from .._validate import check_max_seqlen
 
-MAX_TOKENS = 64  # largest L the kernels are compiled for (L is padded to a power of two)
+MAX_TOKENS = 64  # largest L the kernels are compiled for (L is padded to a power of two >= 16)
 NUM_WARPS = 4
 NUM_STAGES = 3  # depth of the software pipeline over d: loads of NUM_STAGES - 1 tiles in flight
 BLOCK_S = 32  # rows per block: the M (or K) of every tl.dot
@@ -132,6 +133,7 @@ def _length(b, S, cu_ptr, PACKED: tl.constexpr):
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
+    """`acc + a b` on the tensor cores (or exact fp32/fp64 FMAs for "ieee")."""
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
