@@ -85,6 +85,12 @@ def block_sizes(L: int, itemsize: int = 4) -> tuple[int, int, int]:
     return l_pad, BLOCK_S, block_d
 
 
+def pipeline_stages(l_pad: int) -> int:
+    """Pipeline depth over d: NUM_STAGES, but 2 at L_PAD = 64, where three stages of the backward's
+    tiles would need more than sm_80's 163 KiB of shared memory per block."""
+    return NUM_STAGES if l_pad < 64 else 2
+
+
 def chunk_size(programs_per_chunk: int, S: int, block_s: int = BLOCK_S) -> int:
     """Tokens per program: the largest power-of-two multiple of `block_s` for which the
     `programs_per_chunk * cdiv(S, chunk)` programs still cover `NUM_SMS`, and no longer than needed
@@ -344,7 +350,8 @@ def stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c, requests=None):
         _attention_pool_fwd_kernel[(rows, nchunk)](h, *args, wdp, c, e, zp, st, S, D, L, chunk, **meta)
         _attention_pool_combine_kernel[(rows, triton.cdiv(D, meta["BLOCK_D"]))](
             args[1], args[2], args[3], zp, st, z, lse, S, D, L, chunk, nchunk, PACKED=meta["PACKED"],
-            HAS_ORDER=meta["HAS_ORDER"], L_PAD=meta["L_PAD"], BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS)
+            HAS_ORDER=meta["HAS_ORDER"], L_PAD=meta["L_PAD"], BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS,
+            num_stages=meta["num_stages"])
     elif rows > 0:
         z.zero_()  # S = 0: every sequence is empty
     a = torch.exp(e - lse[:, None, :])  # exp(-inf - lse) = 0 at masked positions; lse is finite there
@@ -392,8 +399,10 @@ def _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests):
         order, wsel = requests
         rows = order.numel()
     l_pad, block_s, block_d = block_sizes(L, h.element_size())
+    stages = pipeline_stages(l_pad)
     meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
-                BLOCK_D=block_d, NUM_STAGES=NUM_STAGES, PRECISION=precision(h.dtype), num_warps=NUM_WARPS)
+                BLOCK_D=block_d, NUM_STAGES=stages, PRECISION=precision(h.dtype), num_warps=NUM_WARPS,
+                num_stages=stages)
     return B, S, D, L, rows, (mask_arg, cu_arg, order, wsel), chunk_size(max(rows, 1), S), meta
 
 
@@ -509,14 +518,14 @@ def launch_configs():
                              "order_ptr": "i32", "wsel_ptr": "i32"}
                     types.update({k: cdt if v == "c" else io for k, v in pointers.items()})
                     constexprs = dict(PACKED=packed, HAS_ORDER=has_order, L_PAD=l_pad, BLOCK_D=block_d)
+                    stages = pipeline_stages(l_pad)
                     if streams:
-                        constexprs.update(BLOCK_S=block_s, NUM_STAGES=NUM_STAGES,
-                                          PRECISION=precision(torch_dtype[io]))
+                        constexprs.update(BLOCK_S=block_s, NUM_STAGES=stages, PRECISION=precision(torch_dtype[io]))
                     yield dict(
                         kernel=fn, name=name, pointers={k: v for k, v in types.items() if k in fn.arg_names},
-                        constexprs=constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                        constexprs=constexprs, num_warps=NUM_WARPS, num_stages=stages,
                         h_stage_bytes=block_s * block_d * itemsize[io] if streams else 0,
                         unaligned=("L", "CHUNK", "NCHUNK"),
                         config=dict(dtype=io, packed=packed, multi_tenant=has_order, L_PAD=l_pad,
-                                    BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS),
+                                    BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS, num_stages=stages),
                     )
