@@ -9,8 +9,13 @@ registers, spills (LOCAL bytes) and static shared memory with `cuobjdump --dump-
 count instructions in `cuobjdump -sass`. Pointers and integer arguments are specialised as divisible
 by 16, as the JIT does for 16-byte-aligned tensors, so the report shows the wide loads a real launch
 gets. Writes a JSON list of records
-`{"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "instructions"}` and prints a
-summary; exits non-zero if any config fails to compile or spills.
+`{"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "instructions", "num_warps",
+"num_stages", "h_stage_bytes", "ctas_per_sm", "bytes_in_flight_per_sm"}` and prints a summary; exits
+non-zero if any config fails to compile or spills.
+
+`h_stage_bytes` is what the spec says one program loads of the streamed input (H) per pipeline stage;
+`ctas_per_sm` the occupancy the architecture allows (registers, shared memory, warps and its block
+limit, `ARCH_LIMITS`); `bytes_in_flight_per_sm = ctas_per_sm * h_stage_bytes * num_stages`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,25 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "HMMA", "HGMMA", "RED", "ATOM", "ATOMS", "BAR")
+INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "LDGSTS", "UTMALDG", "HMMA", "HGMMA", "RED", "ATOM",
+                "ATOMS", "BAR")
+DEFAULT_NUM_STAGES = 3  # triton.compile's default, for specs that do not set num_stages
+
+# Per-SM limits (CUDA occupancy calculator): registers, shared memory usable by CTAs, warps, CTAs;
+# registers are allocated per warp in units of 256, and each CTA reserves 1 KiB of shared memory.
+ARCH_LIMITS = {
+    80: dict(registers=65536, shared=167936, warps=64, ctas=32),
+    90: dict(registers=65536, shared=233472, warps=64, ctas=32),
+}
+
+
+def ctas_per_sm(arch: int, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident CTAs per SM that registers, shared memory, warps and the block limit allow."""
+    lim = ARCH_LIMITS[arch]
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = lim["registers"] // (regs_per_warp * num_warps)
+    by_smem = lim["shared"] // (shared_bytes + 1024)
+    return min(by_regs, by_smem, lim["warps"] // num_warps, lim["ctas"])
 
 
 OPS = ("rational", "attention_pool", "multi_tenant_generator")
@@ -51,7 +74,7 @@ def _configs(scope: str, ops=OPS):
                 continue
             if "degrees" in cfg and (tuple(cfg["degrees"]) not in {(5, 4), (8, 8)} or cfg["grouped"]):
                 continue
-            if "L_PAD" in cfg and (cfg["L_PAD"] not in (4, 64) or cfg["packed"] or cfg["multi_tenant"]):
+            if "L_PAD" in cfg and (cfg["L_PAD"] not in (16, 64) or cfg["packed"] or cfg["multi_tenant"]):
                 continue
             if "call" in cfg and (cfg.get("version", "B") != "B" or cfg["dtype"] != "bf16"):
                 continue
@@ -97,7 +120,9 @@ def compile_one(args):
         if name not in spec.get("unaligned", ()):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+    num_stages = spec.get("num_stages", DEFAULT_NUM_STAGES)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec["num_warps"], "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -105,14 +130,22 @@ def compile_one(args):
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
+    registers, shared = field("REG"), field("SHARED") + int(compiled.metadata.shared)
+    ctas = ctas_per_sm(arch, registers, shared, spec["num_warps"])
+    stage = spec.get("h_stage_bytes", 0)
     return {
         "kernel": spec["name"],
         "config": spec["config"],
         "arch": arch,
-        "registers": field("REG"),
+        "registers": registers,
         "spill_bytes": field("LOCAL"),
-        "shared_bytes": field("SHARED") + int(compiled.metadata.shared),
+        "shared_bytes": shared,
         "instructions": count_instructions(sass),
+        "num_warps": spec["num_warps"],
+        "num_stages": num_stages,
+        "h_stage_bytes": stage,
+        "ctas_per_sm": ctas,
+        "bytes_in_flight_per_sm": ctas * stage * num_stages,
     }
 
 
@@ -130,10 +163,13 @@ def build_report(archs, scope="all", jobs=2, progress=True, ops=OPS):
 
 def summarize(records) -> str:
     """One line per kernel and arch: configs, worst registers/spills/shared memory, how many of the
-    16-byte-aligned fp32/bf16 configs use 128-bit loads and stores, float atomics anywhere, and how
-    many of the fp16/bf16 configs use tensor-core instructions (HMMA, or HGMMA on sm_90)."""
+    16-byte-aligned fp32/bf16 configs use 128-bit loads and stores, float atomics anywhere, how many
+    of the fp16/bf16 configs use tensor-core instructions (HMMA, or HGMMA on sm_90), warps and stages,
+    fewest CTAs per SM, least KiB of the streamed input in flight per SM (configs that stream one), and
+    how many configs use cp.async (LDGSTS) and TMA (UTMALDG)."""
     head = f"{'kernel':<40}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}" \
-           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}{'MMA':>8}"
+           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}{'MMA':>8}{'warps':>6}{'stages':>7}{'CTA/SM':>7}" \
+           f"{'KiB/SM':>7}{'LDGSTS':>8}{'UTMALDG':>8}"
     lines = [head]
     groups = {}
     for r in records:
@@ -150,6 +186,12 @@ def summarize(records) -> str:
             f"{f'{ldg}/{len(wide)}':>9}{f'{stg}/{len(wide)}':>9}"
             f"{sum(r['instructions']['RED'] + r['instructions']['ATOM'] for r in rs):>9}"
             f"{f'{mma}/{len(half)}':>8}"
+            f"{'/'.join(map(str, sorted({r['num_warps'] for r in rs}))):>6}"
+            f"{'/'.join(map(str, sorted({r['num_stages'] for r in rs}))):>7}"
+            f"{min(r['ctas_per_sm'] for r in rs):>7}"
+            f"{(min(streams) / 1024 if (streams := [r['bytes_in_flight_per_sm'] for r in rs if r['h_stage_bytes']]) else 0):>7.0f}"
+            f"{sum(r['instructions']['LDGSTS'] > 0 for r in rs):>4}/{len(rs):<3}"
+            f"{sum(r['instructions']['UTMALDG'] > 0 for r in rs):>4}/{len(rs):<3}"
         )
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@
  *
  * Design
  *  - The passes over H are bound by memory traffic, so each direction reads every instruction row
- *    of H from memory once (the Triton twin reads it twice per direction):
+ *    of H from memory once (as the Triton twin does):
  *      forward:  online softmax. A block of up to kRows rows is read for its scores (E = H Wdp),
  *                then, still in L2, folded into Z with weights exp(E - m); the Z built so far is
  *                rescaled when the running max m grows.

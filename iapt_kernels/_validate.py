@@ -172,6 +172,19 @@ def check_attention_pool_inputs(
     return B, d, r, L
 
 
+def check_max_seqlen(cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+    """`max_seqlen` of a packed batch must cover its longest sequence: a kernel sized to it would
+    otherwise pool a truncated softmax without a word."""
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if cu_seqlens.numel() > 1:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        longest = int(lengths.max())
+        if longest > max_seqlen:
+            b = int(lengths.argmax())
+            raise ValueError(f"sequence {b} has {longest} tokens, more than max_seqlen = {max_seqlen}")
+
+
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 

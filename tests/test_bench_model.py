@@ -63,11 +63,25 @@ def test_fused_rational_forward_bytes(dtype):
     assert both["bytes"] > 5 * numel * torch.empty((), dtype=dtype).element_size()
 
 
-def test_fused_pool_reads_h_twice_forward():
+def test_fused_pool_reads_h_once_per_direction():
     B, S, d, r, L = 8, 512, 512, 64, 4  # H large against the weights
-    got = cost.fused_cost("attention_pool", dict(B=B, S=S, d=d, r=r, L=L, mask_fraction=1.0), torch.float32, "fwd")
+    params = dict(B=B, S=S, d=d, r=r, L=L, mask_fraction=1.0)
     H = B * S * d * 4
-    assert 2 * H <= got["bytes"] < 2.2 * H  # two streams over H, the rest small
+    fwd = cost.fused_cost("attention_pool", params, torch.float32, "fwd")["bytes"]
+    both = cost.fused_cost("attention_pool", params, torch.float32, "fwd+bwd")["bytes"]
+    assert H <= fwd < 1.5 * H  # one stream over H (two would be 2 H), partials and the rest small
+    assert 3 * H <= both < 4 * H  # and one more read and the gH write (two reads each way: 5 H)
+
+
+def test_fused_generator_bytes_at_the_default_shape():
+    """Issue 11's figures at B=8, S=512, d=2048, r=256, L=4, f=0.8, fp32 (today's values: the issue
+    asked for at most 1.0 H and 2.9 H; beside the floor of 0.8 H and 2.6 H, the (r, d) weights and
+    the per-chunk partials take about 0.3 H and 0.8 H)."""
+    params = dict(B=8, S=512, d=2048, r=256, L=4)
+    H = 8 * 512 * 2048 * 4
+    fwd = cost.fused_cost("generator", params, torch.float32, "fwd")["bytes"]
+    both = cost.fused_cost("generator", params, torch.float32, "fwd+bwd")["bytes"]
+    assert fwd < 1.2 * H and both < 3.7 * H, (fwd / H, both / H)
 
 
 def test_roofline():

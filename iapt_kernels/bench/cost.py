@@ -162,47 +162,90 @@ def _rational_fused(numel: int, s: int, k: int, n: int, mode: str) -> dict:
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 
-def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: str) -> dict:
-    """`attention_pool_fwd`: Wdp = Wd^T Wp^T (mm) and c = Wp bd (mv); `_attention_pool_scores_kernel`
-    reads the mask and the instruction rows of H (fraction f), writes E (B, S, L) fp32;
-    `_attention_pool_fwd_kernel` reads E, the mask and H's instruction rows again, writes A (B, S, L)
-    and Z (B, L, d); `mask.any` and its cast give n; `baddbmm(n bd, Z, Wd^T)` writes U (B, L, r).
+L2_BYTES = 50 * 2**20  # H100 L2
 
-    Backward: Wdp again, gZ = gU Wd (B, L, d); `_attention_pool_bwd_scores_kernel` reads H's
-    instruction rows and gZ, writes gA; `_attention_pool_bwd_kernel` reads A, gA, gZ, Wdp and H's
-    instruction rows, writes gH (every row of the padded layout) and per-sequence gWdp partials
-    (B, L, d); then a sum over sequences and the small `L x d x r` products for gWd, gbd, gWp."""
-    H = B * S * d
-    rows = f * H * s
-    mask = B * S
-    sl = B * S * L * C
+
+def _stream_partials(B: int, S: int, d: int, L: int) -> tuple[int, int]:
+    """`(programs, partial bytes)` of one attention-pool stream launch: `B x cdiv(S, chunk)` programs
+    (the launchers' `chunk_size`), each writing an `L x d` fp32 partial. The next launch reads them
+    back from L2 when they fit in half of it (they are written at the end of the previous launch),
+    else from DRAM: `_partials_read` says which."""
+    from iapt_kernels.ops.attention_pool import chunk_size
+
+    programs = B * math.ceil(S / chunk_size(B, S)) if S else 0
+    return programs, programs * L * d * C
+
+
+def _partials_read(nbytes: int) -> int:
+    return 0 if nbytes <= L2_BYTES // 2 else nbytes
+
+
+def _stream_fwd_bytes(B: int, S: int, d: int, L: int, s: int, f: float, wdp: int) -> int:
+    """`stream_fwd`: E filled with -inf, lse with 0; `_attention_pool_fwd_kernel` reads the mask, the
+    instruction rows of H (fraction f) once and `wdp` bytes of weights, writes E (B, S, L) fp32 and
+    per-program softmax statistics and partial Z (`_stream_partials`);
+    `_attention_pool_combine_kernel` reads those, writes Z (B, L, d) and lse (B, L);
+    A = exp(E - lse), a subtraction and an exp on (B, S, L)."""
+    sl, ld, bl = B * S * L * C, B * L * d * C, B * L * C
+    programs, partials = _stream_partials(B, S, d, L)
+    stats = programs * 2 * max(16, L) * C
+    nbytes = sl + bl  # E = -inf, lse = 0
+    nbytes += B * S + f * B * S * d * s + wdp + sl + partials + stats  # stream kernel
+    nbytes += _partials_read(partials) + stats + ld + bl  # combine
+    return nbytes + (sl + bl + sl) + 2 * sl  # A
+
+
+def _stream_bwd_bytes(B: int, S: int, d: int, L: int, s: int, f: float, wdp: int) -> int:
+    """`stream_bwd`: delta = <Z, gZ> (a product, a float64 sum, a cast);
+    `_attention_pool_bwd_kernel` reads the mask, H's instruction rows once, A, gZ, `wdp` bytes of
+    weights and delta, writes gH (every row of the padded layout), per-program gWdp partials and
+    sums of A gA; the sum over chunks and the delta correction Z (delta - sum A gA), a few
+    (B, L, d) and (B, L) ops."""
+    sl, ld, bl = B * S * L * C, B * L * d * C, B * L * C
+    programs, partials = _stream_partials(B, S, d, L)
+    dsum = programs * max(16, L) * C
+    nbytes = 3 * ld + 3 * bl  # delta
+    nbytes += B * S + f * B * S * d * s + sl + ld + wdp + bl + B * S * d * s + partials + dsum  # kernel
+    nbytes += _partials_read(partials) + ld  # sum over chunks
+    return nbytes + dsum + 3 * bl + 2 * ld + 3 * ld  # correction
+
+
+def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: str) -> dict:
+    """`attention_pool_fwd`: Wdp = Wd^T Wp^T (mm) and c = Wp bd (mv); E filled with -inf and lse with
+    0; `_attention_pool_fwd_kernel` reads the mask and the instruction rows of H (fraction f) once,
+    writes E (B, S, L) fp32, per-program softmax statistics and partial Z (`_stream_partials`);
+    `_attention_pool_combine_kernel` reads those, writes Z (B, L, d) and lse (B, L); A = exp(E - lse)
+    (a subtraction and an exp on (B, S, L)); `mask.any` and its cast give n;
+    `baddbmm(n bd, Z, Wd^T)` writes U (B, L, r).
+
+    Backward: Wdp again, gZ = gU Wd (B, L, d); delta = <Z, gZ> (a product and a float64 sum, then a
+    cast); `_attention_pool_bwd_kernel` reads the mask, H's instruction rows once, A, gZ, Wdp and
+    delta, writes gH (every row of the padded layout) and per-program gWdp partials and sums of
+    A gA; the sum over chunks, the delta correction (Z (delta - sum A gA): a few (B, L, d) ops), the
+    sum over sequences; gWd = [gU; Wp]^T [Z; gWdp^T] (two cats, one mm), gbd, gWp = (Wd gWdp)^T."""
     ld = B * L * d * C
     wd = r * d * C
     # forward
     nbytes = (wd + L * r * C + d * L * C) + (L * r * C + r * C + L * C)  # Wdp, c
-    nbytes += mask + rows + d * L * C + sl  # scores kernel
-    nbytes += sl + mask + rows + sl + ld  # fwd kernel
-    nbytes += mask + B + B + B * C  # mask.any + cast
+    nbytes += _stream_fwd_bytes(B, S, d, L, s, f, d * L * C)
+    nbytes += B * S + B + B + B * C  # mask.any + cast
     nbytes += B * C + r * C + B * r * C  # n * bd
     nbytes += B * r * C + ld + wd + B * L * r * C  # baddbmm
-    flops = 2 * d * r * L + 2 * r * L + 2 * B * S * d * L + (2 * B * S * L * d + 5 * B * S * L) + B * S
+    flops = 2 * d * r * L + 2 * r * L + 4 * B * S * d * L + 6 * B * S * L + 2 * B * L * d + B * S
     flops += B * r + 2 * B * L * d * r + B * L * r
-    launches = 8
+    launches = 12
     if mode == "fwd+bwd":
         gu = B * L * r * C
         nbytes += wd + L * r * C + d * L * C  # Wdp
         nbytes += gu + wd + ld  # gZ
-        nbytes += mask + rows + ld + sl  # bwd scores kernel
-        nbytes += 2 * sl + ld + d * L * C + mask + rows + H * s + ld  # bwd kernel
+        nbytes += _stream_bwd_bytes(B, S, d, L, s, f, d * L * C)
         nbytes += ld + d * L * C  # sum over sequences
-        nbytes += gu + ld + wd  # einsum gWd part 1
-        nbytes += d * L * C + L * r * C + wd  # gWdp @ Wp
-        nbytes += 3 * wd  # add
+        nbytes += 2 * (gu + L * r * C) + 2 * (ld + d * L * C) + wd  # cats and the gWd mm
         nbytes += gu + B * C + r * C  # gbd
         nbytes += wd + d * L * C + r * L * C  # gWp
-        flops += 2 * d * r * L + 2 * B * L * r * d + 2 * B * S * d * L + 6 * B * S * L * d + B * L * d
-        flops += 2 * B * L * r * d + 2 * d * L * r + r * d + 2 * B * L * r + 2 * r * d * L
-        launches += 10
+        flops += 2 * d * r * L + 2 * B * L * r * d + 2 * B * L * d + 2 * B * S * d * L + 6 * B * S * L * d
+        flops += 4 * B * L * d + 2 * (B + 1) * L * r * d + 2 * B * L * r + 2 * r * d * L
+        launches += 18
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 
@@ -238,39 +281,35 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
     """`multi_tenant_generator_fwd` (Triton launcher), K = present tenants (tenant of request i is
     i mod T), every request with an adapter. Forward: `TenantGroups.build` (small index ops, counted);
     Wdp_t (K, d, L) by `_multi_tenant_generator_matmul_kernel` reading each present tenant's Wp, Wd once,
-    and c_t (gathers + einsum); the two attention-pool passes over H (as attention_pool, each request
-    with its tenant's Wdp); `mask.any` + cast; U = Z Wd_t^T split over d (P = ceil(d / 128) fp32
+    and c_t (gathers + einsum); the attention-pool stream (`_stream_fwd_bytes`, each request with its
+    tenant's Wdp); `mask.any` + cast; U = Z Wd_t^T split over d (P = ceil(d / 128) fp32
     partials of U written and read back) and the split-sum kernel adding n bd_t and writing U and
     G = R_t(U); one matmul kernel P = G Wu_t^T + bu_t.
 
     Backward: gG = gP Wu_t split over d, the split-sum kernel with the rational-backward epilogue (gU,
     per-row coefficient partials) and their fixed-order sums and scatter; gWu, gbu, gWd, gbd, gWp
     allocated in the parameter dtype with only the absent tenants' slices zero-filled; the wgrad
-    kernel for gWu, gbu (reads gP, G); the matmul kernel gZ = gU Wd_t; the two attention-pool backward
-    passes over H (write gH and per-request gWdp partials); the wgrad kernel summing the partials per
+    kernel for gWu, gbu (reads gP, G); the matmul kernel gZ = gU Wd_t; the attention-pool backward
+    stream (`_stream_bwd_bytes`: gH and per-request gWdp partials); the wgrad kernel summing the partials per
     tenant; the wgrad kernel for gWd (sum gU^T Z and Wp_t^T gWdp_t^T in one accumulator) and gbd;
     gWp_t = gWdp_t^T Wd_t^T split over d and its split-sum.
     `K` = the number of present tenants (default: round robin, min(T, B))."""
     K = min(T, B) if K is None else K
     P = max(1, -(-d // 128))  # splits of the reductions over d (ops.multi_tenant_generator.split_count)
-    H = B * S * d
-    rows = f * H * s
     mask = B * S
-    sl = B * S * L * C
     ld = B * L * d * C
     lr = B * L * r * C
     w = r * d * s  # one tenant's Wd (or Wu) in the parameter dtype
     kdl = K * d * L * C
     nbytes = K * (L * r * s + w) + kdl  # Wdp_t
     nbytes += 2 * K * (L * r * s + r * s) + K * (L * r + r) * C + K * L * C  # gathers + einsum for c_t
-    nbytes += mask + rows + kdl + sl  # scores kernel
-    nbytes += sl + mask + rows + sl + ld  # pooling kernel
+    nbytes += _stream_fwd_bytes(B, S, d, L, s, f, kdl)
     nbytes += mask + B + B + B * C  # n
     nbytes += ld + K * w + 2 * P * lr + K * r * s + B * C + 2 * lr  # U partials, split-sum, U and G
     nbytes += lr + K * w + K * d * s + B * L * d * s  # P
     flops = 2 * K * L * r * d + 2 * K * L * r + 4 * B * S * d * L + 5 * B * S * L + B * S
     flops += 2 * B * L * d * r + P * B * L * r + B * L * r * (2 * (k + n) + 4) + 2 * B * L * r * d
-    launches = _group_launches(T, B) + 11
+    launches = _group_launches(T, B) + 15
     if mode == "fwd+bwd":
         gp = B * L * d * s
         nbytes += gp + K * w + 2 * P * lr + lr + lr  # gG partials, split-sum: gU (+ coefficient partials)
@@ -278,14 +317,13 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
         nbytes += (T - K) * (d * r + d + r * d + r + L * r) * s  # zero-fill the absent tenants' slices
         nbytes += gp + lr + K * d * r * s + K * d * s  # wgrad gWu, gbu
         nbytes += lr + K * w + ld  # gZ
-        nbytes += mask + rows + ld + sl  # bwd scores kernel
-        nbytes += 2 * sl + ld + kdl + mask + rows + H * s + ld  # bwd kernel: gH, partials
+        nbytes += 4 * ld + _stream_bwd_bytes(B, S, d, L, s, f, kdl)  # Z, gZ rows of the requests; stream
         nbytes += ld + K * L * d * C  # per-tenant sum of the partials
         nbytes += lr + ld + B * C + K * L * r * s + K * L * d * C + K * r * d * s + K * r * s  # wgrad gWd, gbd
         nbytes += K * L * d * C + K * w + 2 * P * K * L * r * C + K * L * r * s  # gWp_t split + split-sum
         flops += 2 * B * L * d * r + P * B * L * r + B * L * r * (4 * (k + n) + 10) + 4 * B * L * d * r
         flops += 2 * B * L * r * d + 2 * B * S * d * L + 6 * B * S * L * d + B * L * d + 4 * K * L * d * r
-        launches += 22
+        launches += 32
     return {"bytes": nbytes, "flops": flops, "launches": launches}
 
 

@@ -208,9 +208,10 @@ def acceptance_lines(model: list[dict]) -> list[str]:
                 unit = r["input_bytes"]
                 line += (f". Why: both paths are bound by streaming H ({_fmt_bytes(unit)}). The reference "
                          f"moves {r['bytes_reference'] / unit:.2f} H, the fused path {r['bytes_fused'] / unit:.2f} H. "
-                         "The masked softmax over S needs every score before the weighted sum, so the fused "
-                         "forward reads H's instruction rows twice (scores, then A^T H), and the backward "
-                         "twice more and writes gH; the floor is one read of H forward. The reference's "
+                         "The fused path is at the floor for H: an online softmax (running max and sum per "
+                         "soft token, as FlashAttention) reads H's instruction rows once forward, and the "
+                         "backward, with delta = <Z, gZ> from the saved Z, once more and writes gH once; "
+                         "the rest is the (r, d) weights and per-chunk partials. The reference's "
                          "extra traffic is the masked copy of H and the (B, S, r) intermediate, r/d of H"
                          + (", plus the cast of H to fp32" if r["dtype"] in ("bfloat16", "float16") else "")
                          + f": 1/5 would need the reference to move at least {5 * r['bytes_fused'] / unit:.1f} H")

@@ -614,7 +614,7 @@ def multi_tenant_generator_bwd(gp, h, mask, cu_seqlens, order, seg_start, seg_te
 
     gz = torch.empty((B, L, d), **kw)
     _matmul(gu, (L * r, r, 1), wd, (r * d, d, 1), gz, (L * d, d, 1), groups, L, r, d, dot=dot)
-    gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=(order, wsel))
+    gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=(order, wsel), z=z)
     # gWdp_t^T (K, L, d): each tenant's per-request partials, summed in segment order.
     gwdp_t = torch.empty((K, L, d), **kw)
     _wgrad(gw_partial, (L * d, 0, 1), None, (0, 0, 0), groups, 1, L * d, 1, dot=dot, yb=gwdp_t,
