@@ -1,6 +1,6 @@
 /*
  * Multi-tenant prompt generator on the CPU: one pass over the batch for every tenant present
- * (DESIGN.md section 1, "Multi-tenant"; the algebra of iapt_kernels/ops/multi_tenant_generator.py).
+ * (docs/design.md section 1, "Multi-tenant"; the algebra of iapt_kernels/ops/multi_tenant_generator.py).
  *
  * Request b of tenant t (segment k of the batch's TenantGroups, seg_tenant[k] = t):
  *

@@ -23,7 +23,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Hugging Face integration (DESIGN.md section 4, integrations/): transformers is imported lazily.
+# Hugging Face integration (docs/design.md section 4, integrations/): transformers is imported lazily.
 from .integrations import (  # noqa: E402
     IAPTConfig, IAPTDataCollator, IAPTModel, apply_iapt, insert_prompt_slots, load_iapt, save_iapt)
 

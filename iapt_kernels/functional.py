@@ -22,7 +22,7 @@ def rational(
     version: str = "B",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Learned rational activation ``R(x) = P(x) / Q(x)`` (DESIGN.md section 2).
+    """Learned rational activation ``R(x) = P(x) / Q(x)`` (docs/design.md section 2).
 
     Args:
         x: input of any shape, float16 / bfloat16 / float32 / float64.
@@ -55,7 +55,7 @@ def attention_pool(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Self-attention pooling of instruction tokens into ``L`` bottleneck vectors (DESIGN.md section 1).
+    """Self-attention pooling of instruction tokens into ``L`` bottleneck vectors (docs/design.md section 1).
 
     ``U = A^T (H Wd^T + bd)`` with ``A = softmax over S of ((H Wd^T + bd) Wp^T)``, restricted to
     instruction tokens. The fused backends never form ``H Wd^T`` (section 3).

@@ -1,4 +1,4 @@
-"""Shared test helpers: the error measure and tolerances of DESIGN.md section 5."""
+"""Shared test helpers: the error measure and tolerances of docs/design.md section 5."""
 
 import torch
 

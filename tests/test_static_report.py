@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for sm_80 and sm_90 (DESIGN.md section 6), on a representative sample of
+"""Ahead-of-time compilation for sm_80 and sm_90 (docs/design.md section 6), on a representative sample of
 configs: no spills, no float atomics, 128-bit global loads and stores where the layout allows.
 The full sweep over every launch config is `python benchmarks/static_report.py --arch 80 90`."""
 

@@ -1,4 +1,4 @@
-"""`iapt-bench`: the benchmark report (DESIGN.md section 7).
+"""`iapt-bench`: the benchmark report (docs/design.md section 7).
 
     iapt-bench                      # CPU: every op, the GPU cost model, the IAPT-vs-LoRA serving run;
                                     # writes bench-out/{report.md, results.json, results.csv, *.png}

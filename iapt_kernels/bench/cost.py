@@ -1,4 +1,4 @@
-"""A model of GPU cost (DESIGN.md section 7): bytes moved, FLOPs and kernel launches of each op, for the
+"""A model of GPU cost (docs/design.md section 7): bytes moved, FLOPs and kernel launches of each op, for the
 reference (counted) and the fused kernels (from their formulas), and the time each implies on an H100
 at its roofline.
 

@@ -1,5 +1,5 @@
 """Wiring of IAPT into Hugging Face ``transformers`` causal LMs: prompt slots, per-layer hooks,
-multi-tenant generation, save/load, a Trainer data collator (DESIGN.md sections 1 and 4).
+multi-tenant generation, save/load, a Trainer data collator (docs/design.md sections 1 and 4).
 
 ``transformers`` is not imported here: the hooks are plain PyTorch, so any causal LM whose decoder
 layers form an ``nn.ModuleList`` works; ``safetensors`` is imported by save/load only.

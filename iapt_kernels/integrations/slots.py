@@ -1,4 +1,4 @@
-"""Prompt-slot layout for decoder-only models (DESIGN.md section 1, "Where the soft tokens go").
+"""Prompt-slot layout for decoder-only models (docs/design.md section 1, "Slot layout").
 
 Every example is laid out as ``[instruction][L slot tokens][response]``; padding goes anywhere the
 attention mask says. At every decoder layer the hidden states at the ``L`` slot positions are

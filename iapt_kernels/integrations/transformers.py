@@ -4,7 +4,7 @@
 ``config.num_hidden_layers`` identical blocks), freezes the backbone and registers a forward
 pre-hook on every layer. Before layer ``l`` runs, the hook computes that layer's soft prompts
 ``P (B, L, d)`` from the layer's incoming hidden states at the instruction positions and writes them,
-out of place, at the ``L`` slot positions (DESIGN.md section 1). No modeling code is copied; the
+out of place, at the ``L`` slot positions (docs/design.md section 1). No modeling code is copied; the
 same code path serves Llama, Mistral, Qwen2, GPT-2 and any model whose layers take the hidden
 states as their first argument (or as ``hidden_states=``).
 

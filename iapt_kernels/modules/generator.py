@@ -14,7 +14,7 @@ __all__ = ["PromptGenerator"]
 
 
 class PromptGenerator(_ReferencePromptGenerator):
-    """IAPT soft-prompt generator on the fused kernels (DESIGN.md sections 1 and 3).
+    """IAPT soft-prompt generator on the fused kernels (docs/design.md sections 1 and 3).
 
     Composes :func:`iapt_kernels.attention_pool` (never forms the ``(B, S, r)`` down-projection),
     :class:`iapt_kernels.Rational` and the up-projection. Constructor, parameters and state_dict are

@@ -20,7 +20,7 @@ def _max_seqlen(hidden_states, cu_seqlens) -> int:
 
 
 class MultiTenantPromptGenerator(_ReferenceMultiTenant):
-    """``T`` tenants' soft-prompt generators for one layer, one batch mixing tenants (DESIGN.md
+    """``T`` tenants' soft-prompt generators for one layer, one batch mixing tenants (docs/design.md
     section 1, "Multi-tenant"), on the fused kernels.
 
     ``backend="triton"`` (CUDA tensors, the default there) runs every tenant in one set of launches:

@@ -1,4 +1,4 @@
-"""Self-attention pooling with projections, fused by reassociation (DESIGN.md sections 1 and 3).
+"""Self-attention pooling with projections, fused by reassociation (docs/design.md sections 1 and 3).
 
     U = A^T (H Wd^T + bd),   A = softmax over S of (H Wd^T + bd) Wp^T, masked
 
@@ -119,7 +119,7 @@ def _rows(b, s, S, cu_ptr, mask_ptr, PACKED: tl.constexpr):
 def _request(p, order_ptr, wsel_ptr, HAS_ORDER: tl.constexpr):
     """Sequence `b` that program row `p` pools, and which `Wdp` it uses. Single-tenant: `b = p`, one
     `Wdp`. Multi-tenant: `order` lists the requests that have an adapter, grouped by tenant, and
-    `wsel` the present-tenant slot of each (DESIGN.md section 1, "Multi-tenant")."""
+    `wsel` the present-tenant slot of each (docs/design.md section 1, "Multi-tenant")."""
     if HAS_ORDER:
         b = tl.load(order_ptr + p)
         w = tl.load(wsel_ptr + p).to(tl.int64)

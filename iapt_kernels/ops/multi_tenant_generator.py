@@ -1,5 +1,5 @@
 """Batched per-tenant prompt generators: one set of launches serves (and trains) every tenant of a
-batch (DESIGN.md section 1, "Multi-tenant"; the algebra of section 3).
+batch (docs/design.md section 1, "Multi-tenant"; the algebra of section 3).
 
 Request `b` of tenant `t = tenant_ids[b]` gets the prompts of tenant `t`'s generator:
 
@@ -173,7 +173,7 @@ def _mma(acc, x, w, DOT: tl.constexpr, X_WIDE: tl.constexpr, W_WIDE: tl.constexp
 
 @triton.jit
 def _rational_terms(x, a, b, m, n, VERSION_B: tl.constexpr):
-    """`P(x)`, `P'(x)`, `Q(x)`, `Q'(x)` of the rational activation by Horner (DESIGN.md section 2),
+    """`P(x)`, `P'(x)`, `Q(x)`, `Q'(x)` of the rational activation by Horner (docs/design.md section 2),
     with each row's coefficients at `a[:, None] + j` (m+1) and `b[:, None] + j` (n): rows of one tile
     may belong to different tenants. Degrees are runtime values, so one compiled kernel serves every
     degree. Also `sgn` and the power base of the denominator gradients."""

@@ -201,7 +201,7 @@ def rational_bwd(
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Kernels compute in float64 for float64 inputs, float32 otherwise (DESIGN.md section 5)."""
+    """Kernels compute in float64 for float64 inputs, float32 otherwise (docs/design.md section 5)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations: the ground truth every kernel is tested against.
 
-Each module here computes the op in the plain order of DESIGN.md, with no fusion; the modules have
+Each module here computes the op in the plain order of docs/design.md section 1, with no fusion; the modules have
 the same constructors, parameter names and state_dicts as their fused counterparts.
 """
 

@@ -1,4 +1,4 @@
-"""Reference self-attention pooling with projections, in the naive order of DESIGN.md section 1.
+"""Reference self-attention pooling with projections, in the naive order of docs/design.md section 1.
 
     H' = H Wd^T + bd                 (B, S, r)    down-projection (down_weight Wd: (r, d))
     E  = H' Wp^T                     (B, S, L)    pooling scores   (pool_weight Wp: (L, r))

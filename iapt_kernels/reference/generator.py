@@ -1,4 +1,4 @@
-"""Reference IAPT soft-prompt generator (DESIGN.md section 1), in the naive order:
+"""Reference IAPT soft-prompt generator (docs/design.md section 1), in the naive order:
 
     H' = H Wd^T + bd,  A = masked softmax_S(H' Wp^T),  U = A^T H',  G = R(U),  P = G Wu^T + bu
 

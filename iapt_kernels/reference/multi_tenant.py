@@ -1,4 +1,4 @@
-"""Reference multi-tenant prompt generator (DESIGN.md section 1, "Multi-tenant"): `T` tenants' generators
+"""Reference multi-tenant prompt generator (docs/design.md section 1, "Multi-tenant"): `T` tenants' generators
 stacked along a leading tenant axis, applied by looping over the tenants present in a batch with the
 single-tenant reference (attention_pool, rational, up-projection) on each tenant's sub-batch.
 

@@ -1,4 +1,4 @@
-"""Reference rational activation (Padé Activation Unit), DESIGN.md section 2.
+"""Reference rational activation (Padé Activation Unit), docs/design.md section 2.
 
     R(x) = P(x) / Q(x),   P(x) = a_0 + a_1 x + ... + a_m x^m
     version "B":  Q(x) = 1 + | b_1 x + ... + b_n x^n |
