@@ -28,20 +28,24 @@ def _weights(d, r, L, gen, dtype=torch.float32):
              torch.randn(L, r, generator=gen) / r ** 0.5)]
 
 
-def _run(h, mask, weights, grad, cu_seqlens=None, backend="triton"):
-    h = h.detach().clone().requires_grad_()
-    for w in weights:
-        w.grad = None
+def _run(h, mask, weights, grad, cu_seqlens=None, backend="triton", device="cpu"):
+    """U and every gradient, all inputs on `device`."""
+    h = h.detach().to(device).clone().requires_grad_()
+    weights = [w.detach().to(device).requires_grad_() for w in weights]
+    mask = None if mask is None else mask.to(device)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(device)
     u = iapt_kernels.attention_pool(h, mask, *weights, cu_seqlens=cu_seqlens, backend=backend)
-    u.backward(grad.to(u.dtype))
+    assert u.device.type == torch.device(device).type
+    u.backward(grad.to(device, u.dtype))
     return {"U": u.detach(), "hidden_states": h.grad, "down_weight": weights[0].grad,
             "down_bias": weights[1].grad, "pool_weight": weights[2].grad}
 
 
-def _check_against_reference(h, mask, weights, gen, tol, context, cu_seqlens=None):
+def _check_against_reference(h, mask, weights, gen, tol, context, cu_seqlens=None, device="cpu"):
+    """The Triton backend on `device` against the float64 reference on CPU, on the same values."""
     B = h.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     grad = torch.rand(B, weights[2].shape[0], weights[0].shape[0], generator=gen) + 0.5
-    out = _run(h, mask, weights, grad, cu_seqlens)
+    out = {k: v.cpu() for k, v in _run(h, mask, weights, grad, cu_seqlens, device=device).items()}
     ref_w = [w.detach().double().requires_grad_() for w in weights]
     want = _run(h.double(), mask, ref_w, grad.double(), cu_seqlens, backend="reference")
     for key, r in want.items():
@@ -62,8 +66,9 @@ def test_chunks_cover_the_sms_without_walking_past_a_sequence():
     assert ap.chunk_size(3, 0) == 32
 
 
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("num_sms", [ap.NUM_SMS, 3], ids=["chunks_of_32", "chunks_of_many_blocks"])
-def test_lengths_across_chunk_boundaries(num_sms, monkeypatch):
+def test_lengths_across_chunk_boundaries(backend, device, num_sms, monkeypatch):
     """S from 1 to 4099 (B = 1 at S = 4099), with the default chunking (one row block a program at
     these sizes) and with few SMs (chunks of many blocks: the online rescale between blocks)."""
     monkeypatch.setattr(ap, "NUM_SMS", num_sms)
@@ -75,12 +80,14 @@ def test_lengths_across_chunk_boundaries(num_sms, monkeypatch):
         mask = torch.rand(B, S, generator=gen) < 0.7
         mask[:, -1] = True  # the last position, in the last (ragged) chunk
         h[~mask] = float("nan")
-        out = _check_against_reference(h, mask, weights, gen, TOLERANCE[torch.float32], f"B={B} S={S}")
+        out = _check_against_reference(h, mask, weights, gen, TOLERANCE[torch.float32], f"B={B} S={S}",
+                                       device=device)
         assert torch.all(out["hidden_states"][~mask] == 0)
 
 
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_one_sequence_inside_one_chunk_beside_an_empty_one(dtype, monkeypatch):
+def test_one_sequence_inside_one_chunk_beside_an_empty_one(backend, device, dtype, monkeypatch):
     monkeypatch.setattr(ap, "NUM_SMS", 7)  # chunk_size(3, 300) = 128 tokens
     assert ap.chunk_size(3, 300) == 128
     B, S, d, r, L = 3, 300, 40, 8, 5
@@ -91,13 +98,14 @@ def test_one_sequence_inside_one_chunk_beside_an_empty_one(dtype, monkeypatch):
     mask[0, 140:170] = True  # all inside chunk 1 of 3
     mask[2] = torch.rand(S, generator=gen) < 0.5  # row 1 stays empty
     h[~mask] = float("inf")
-    out = _check_against_reference(h, mask, weights, gen, TOLERANCE[dtype], str(dtype))
+    out = _check_against_reference(h, mask, weights, gen, TOLERANCE[dtype], str(dtype), device=device)
     assert torch.all(out["hidden_states"][~mask] == 0)
     assert torch.all(out["U"][1] == 0)
 
 
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("num_sms", [ap.NUM_SMS, 13], ids=["chunks_of_32", "chunks_of_many_blocks"])
-def test_packed_sequences_of_very_different_lengths(num_sms, monkeypatch):
+def test_packed_sequences_of_very_different_lengths(backend, device, num_sms, monkeypatch):
     monkeypatch.setattr(ap, "NUM_SMS", num_sms)
     lengths = [1, 700, 0, 37, 129, 64]
     d, r, L = 24, 8, 4
@@ -106,14 +114,16 @@ def test_packed_sequences_of_very_different_lengths(num_sms, monkeypatch):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     h = torch.randn(int(cu[-1]), d, generator=gen)
-    _check_against_reference(h, None, weights, gen, TOLERANCE[torch.float32], f"lengths={lengths}", cu_seqlens=cu)
+    _check_against_reference(h, None, weights, gen, TOLERANCE[torch.float32], f"lengths={lengths}", cu_seqlens=cu,
+                             device=device)
 
 
-def test_max_seqlen_shorter_than_a_sequence_is_an_error():
+@pytest.mark.parametrize("backend", ["triton"])
+def test_max_seqlen_shorter_than_a_sequence_is_an_error(backend, device):
     d, r, L = 16, 8, 4
-    wd, bd, wp = (w.detach() for w in _weights(d, r, L, _seed("maxlen")))
-    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
-    h = torch.randn(10, d)
+    wd, bd, wp = (w.detach().to(device) for w in _weights(d, r, L, _seed("maxlen")))
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
+    h = torch.randn(10, d, device=device)
     with pytest.raises(ValueError, match="sequence 1 has 7 tokens, more than max_seqlen = 6"):
         torch.ops.iapt.attention_pool_fwd(h, None, cu, wd, bd, wp, 6, "triton")
     wdp = (wd.t() @ wp.t()).contiguous()
