@@ -315,7 +315,7 @@ def test_compile_fullgraph_forward_backward_equals_eager(tenants):
     assert sum(float(g.abs().sum()) for g in gc) > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+@pytest.mark.gpu  # host synchronisation is a CUDA matter: skipped with "needs CUDA" elsewhere
 @pytest.mark.parametrize("tenants", [1, pytest.param(3, marks=needs_mt)])
 def test_no_host_sync_per_layer_on_cuda(tenants):
     """Checks and tenant grouping run once per batch: the number of host synchronisations of a
