@@ -10,9 +10,10 @@ Steps (each a named check; the run fails if any check fails, and says which):
   the fused kernels against the eager reference and ``torch.compile(reference)``, and the fraction of
   the measured device-to-device copy bandwidth each reaches for the bytes the op must move at least.
   A figure, not a pass/fail check (the kernels' own acceptance bounds live in their issues).
-* ``train-fp32`` / ``train-bf16``: IAPT on a tiny random Llama for 30 AdamW steps, fused backend
-  against the reference backend from the same seed and batches; the loss at every step must agree
-  (fp32: relative 1e-5 on the first step, 1e-4 over all; bf16: 2e-2).
+* ``train-fp32`` / ``train-bf16``: IAPT on a tiny random Llama (fp32, or a bf16 backbone with fp32
+  generators) for 30 AdamW steps, fused backend against the reference backend from the same seed and
+  batches; the loss at every step must agree (relative: fp32 1e-5 on the first step and 1e-4 on any;
+  bf16 2e-3 and 2e-2).
 * ``generate``: a 3-tenant greedy ``generate`` equals each request generated alone, and a tenant -1
   request equals the bare backbone's ``generate`` on its instruction (no slot tokens).
 
@@ -35,7 +36,10 @@ import traceback
 import torch
 
 TRAIN_STEPS = 30
-TRAIN_TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 2e-2)}  # (first step, any step), relative
+# (first step, any step), relative. bf16: the backbone is bf16 and the generators fp32 (as one trains
+# an adapter); a last-bit fp32 difference flips a bf16 rounding of the prompts now and then, and the
+# flip carries through the run (tests/test_convergence.py measures 2e-4 over 32 steps on CPU).
+TRAIN_TOL = {"float32": (1e-5, 1e-4), "bfloat16": (2e-3, 2e-2)}
 
 
 def _parse(argv):
@@ -167,10 +171,10 @@ def train_losses(backend, dtype, device, steps, batches):
     import iapt_kernels as ik
     from iapt_kernels.train import SyntheticTask, tiny_llama
 
-    model = tiny_llama(SyntheticTask.vocab_size, seed=0).to(device=device, dtype=dtype)
+    model = tiny_llama(SyntheticTask.vocab_size, seed=0).to(device=device, dtype=dtype)  # frozen backbone
     torch.manual_seed(1)
     w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, backend=backend))
-    w.to(device=device, dtype=dtype)
+    w.to(device)  # the generators stay fp32
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for batch in batches[:steps]:
