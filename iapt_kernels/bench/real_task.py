@@ -58,8 +58,7 @@ __all__ = ["Example", "RealTaskError", "find_smollm2_gguf", "load_smollm2", "loa
 METHODS = ("iapt", "lora", "iapt-gelu", "prompt", "zero-shot")  # run in this order: the main pair first
 TRAINED = ("iapt", "iapt-gelu", "lora", "prompt")
 BBC_INSTRUCTION = ("Classify the topic of this news article as one of: business, entertainment, politics, "
-                   "sports, tech.\n\nArticle: {article}")
-ANSWER_PREFIX = "\nTopic:"
+                   "sports, tech.\n\nArticle: {article}\nTopic:")
 
 
 class RealTaskError(Exception):
@@ -279,13 +278,13 @@ def _label_set(train: list[Example], where: str) -> list[str]:
     return labels
 
 
-def encode(examples: list[Example], tok, context: int, extra: int, where: str):
-    """``[(instruction_ids, response_ids, label)]``: instruction + ANSWER_PREFIX, response = " " + output +
+def encode(examples: list[Example], tok, context: int, extra: int, where: str, answer_prefix: str = ""):
+    """``[(instruction_ids, response_ids, label)]``: instruction + ``answer_prefix``, response = " " + output +
     EOS. Raises when an instruction plus its response and ``extra`` positions (soft tokens) exceed ``context``."""
     eos = tok.eos_token_id
     out = []
     for i, e in enumerate(examples):
-        ins = tok(e.instruction.rstrip() + ANSWER_PREFIX)["input_ids"]
+        ins = tok(e.instruction.rstrip() + answer_prefix)["input_ids"]
         resp = tok(" " + e.output.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         need = len(ins) + len(resp) + extra
         if need > context:
@@ -735,6 +734,8 @@ def _parse(argv):
     src.add_argument("--cache-dir", help="where the converted model is cached (default ~/.cache/iapt_kernels)")
     src.add_argument("--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)')
     src.add_argument("--test", help="JSONL to test on (with --train)")
+    src.add_argument("--answer-prefix", default="\nAnswer:",
+                     help="JSONL: appended to every instruction before the answer (default %(default)r)")
     src.add_argument("--val-size", type=int, default=40, help="validation examples taken from the training data")
     src.add_argument("--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)")
     src.add_argument("--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction")
@@ -832,9 +833,10 @@ def run_comparison(args, log=print) -> dict:
     context = int(getattr(cfg, "max_position_embeddings", 0) or 10**9)
     extra = max(args.num_tokens, sizes["prompt_tokens"] if "prompt" in args.methods else 0)
     max_label = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 1
-    data = {"train": encode(train, tok, context, extra, where_train),
-            "val": encode(val, tok, context, extra, f"{where_train} (validation part)"),
-            "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split"),
+    cue = args.answer_prefix if args.train else ""  # the BBC instruction ends with its own cue, "Topic:"
+    data = {"train": encode(train, tok, context, extra, where_train, cue),
+            "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
+            "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
             "labels": labels}
     unseen = sorted({r[2] for r in data["test"]} - set(labels))
     if unseen:
