@@ -65,7 +65,8 @@ def train(backend: str, *, steps: int = STEPS, checkpointing: bool = False, num_
     if checkpointing:
         enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
         enable()
-        assert getattr(w.model, "is_gradient_checkpointing", False) or getattr(w.model, "is_activation_checkpointing", False)
+        newer = hasattr(type(w.model), "is_activation_checkpointing")  # the older name warns in transformers 5
+        assert getattr(w.model, "is_activation_checkpointing" if newer else "is_gradient_checkpointing")
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
     batches = fixed_batches(num_tenants)
     losses = []
