@@ -147,3 +147,19 @@ def test_split_is_stratified_and_fixed():
     again = rt.split_examples(ex, 10, 20, seed=3)
     assert [e.instruction for e in again[2]] == [e.instruction for e in te]
     assert not {e.instruction for e in te} & {e.instruction for e in tr}
+
+
+def test_serving_only_on_the_backbone(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_rows(10, 0))
+    out = tmp_path / "out"
+    rc = rt.main(["--model", str(tiny_dir), "--train", str(data), "--test", str(data), "--serving-only",
+                  "--tenants", "2", "--serve-requests", "4", "--serve-prompt", "8", "--serve-new", "3",
+                  "--serve-repeats", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"] == []
+    recs = {r["method"]: r for r in res["serving"]["records"]}
+    assert set(recs) == {"base", "iapt", "lora"}
+    assert recs["iapt"]["tenants"] == 2 and recs["iapt"]["trainable_params_per_tenant"] == rt.iapt_params(64, 2, 16)
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in recs.values())
+    assert "| iapt | 2 |" in (out / "results.md").read_text()

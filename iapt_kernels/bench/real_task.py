@@ -759,6 +759,7 @@ def _parse(argv):
     tr.add_argument("--seed", type=int, default=0)
     sv = p.add_argument_group("serving")
     sv.add_argument("--no-serving", action="store_true", help="skip the IAPT vs LoRA multi-tenant serving run")
+    sv.add_argument("--serving-only", action="store_true", help="only the serving run (no training)")
     sv.add_argument("--tenants", type=int, default=5)
     sv.add_argument("--serve-requests", type=int, default=10)
     sv.add_argument("--serve-prompt", type=int, default=64)
@@ -786,7 +787,9 @@ def _parse(argv):
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    args.methods = methods
+    args.methods = [] if args.serving_only else methods
+    if args.serving_only and args.no_serving:
+        p.error("--serving-only and --no-serving exclude each other")
     for name in ("steps", "batch_size", "eval_batch_size", "num_tokens", "bottleneck", "tenants", "test_size",
                  "prompt_tokens"):
         if getattr(args, name) < 1:
