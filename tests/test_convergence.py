@@ -1,0 +1,136 @@
+"""Convergence: the fused backends train exactly like the reference (after Liger-Kernel's convergence
+tests). Same seed, same backbone, same fixed batches, AdamW for 32 steps: the loss at every step and
+the final generator parameters of a fused backend match the reference backend's.
+
+Tolerances. fp32: per-step loss within rtol 1e-5 (the issue's bar) and final parameters within
+rel_err 1e-5 (measured here: 2e-7 and 1e-6). Gradients agree to ~1e-6 per step (DESIGN.md section 5),
+but AdamW divides each update by sqrt(v), so a last-bit difference in a near-zero gradient element
+becomes a visible step of that element; after 32 steps that stays near 1e-6 of the parameters' norm.
+bf16 backbone: the generators still compute in fp32, but their prompts are rounded to bf16 before the
+layer runs, so a last-bit fp32 difference flips a bf16 rounding (2^-8 relative) now and then, and the
+flip propagates through the rest of the run: per-step loss within rtol 2e-3 and final parameters within
+rel_err 5e-3 (measured: 2e-4 and 6e-4; about ten times that, well inside DESIGN.md's 2e-2 bf16 kernel
+tolerance).
+"""
+
+import functools
+
+import pytest
+import torch
+
+import iapt_kernels as ik
+from helpers import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+from iapt_kernels.train import tiny_llama  # noqa: E402  (needs transformers)
+
+STEPS, L, R, VOCAB, BATCH, NUM_BATCHES = 32, 4, 16, 32, 6, 4
+SLOT, PAD = 3, 0
+# The fused backend of each device: C++ on CPU, Triton on CUDA. Triton in its CPU interpreter is exact but
+# takes ~10 s a step on 2 cores, too slow for 32 steps in CI; its one-step parity on a Hugging Face model
+# is test_integration.py::test_triton_backend_switch_matches_reference.
+FUSED = [b for b in ik.available_backends()
+         if b == "cpp" or (b == "triton" and torch.cuda.is_available())]
+
+
+def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
+    """``NUM_BATCHES`` right-padded batches of odd-length random instructions, each answered by a token
+    repeated 1-5 times that says the parity of its first token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(NUM_BATCHES):
+        ins, resp = [], []
+        for _ in range(BATCH):
+            n = int(torch.randint(1, 12, (1,), generator=g))
+            m = int(torch.randint(1, 6, (1,), generator=g))
+            ins.append(torch.randint(6, VOCAB, (n,), generator=g).tolist())
+            resp.append([4 + ins[-1][0] % 2] * m)  # learnable: the parity of the first instruction token
+        b = ik.insert_prompt_slots(ins, resp, num_tokens=L, pad_token_id=PAD, slot_token_id=SLOT)
+        if num_tenants > 1:  # every tenant in every batch
+            b["tenant_ids"] = torch.arange(BATCH) % num_tenants
+        out.append(b)
+    return out
+
+
+@functools.lru_cache(maxsize=None)  # the fp32 reference run serves two tests
+def train(backend: str, *, steps: int = STEPS, checkpointing: bool = False, num_tenants: int = 1,
+          dtype: torch.dtype = torch.float32) -> tuple[list[float], dict]:
+    """Per-step losses and the final generator state_dict of one training run."""
+    model = tiny_llama(VOCAB, seed=0).to(dtype)
+    torch.manual_seed(1)  # same generator initialisation for every backend
+    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=L, bottleneck_size=R, num_tenants=num_tenants,
+                                           backend=backend))
+    w.train()
+    if checkpointing:
+        enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+        enable()
+        newer = hasattr(type(w.model), "is_activation_checkpointing")  # the older name warns in transformers 5
+        assert getattr(w.model, "is_activation_checkpointing" if newer else "is_gradient_checkpointing")
+    opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
+    batches = fixed_batches(num_tenants)
+    losses = []
+    for step in range(steps):
+        loss = w(**batches[step % len(batches)]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in w.generators.state_dict().items()}
+
+
+def assert_converges_alike(fused, ref, loss_rtol: float, param_tol: float) -> None:
+    (lf, pf), (lr, pr) = fused, ref
+    assert len(lf) == len(lr)
+    for step, (a, b) in enumerate(zip(lf, lr)):
+        assert a == pytest.approx(b, rel=loss_rtol, abs=0.0), f"step {step}: fused {a!r} vs reference {b!r}"
+    assert lr[-1] < 0.85 * lr[0], f"the reference did not train: loss {lr[0]:.4f} -> {lr[-1]:.4f}"
+    assert pf.keys() == pr.keys()
+    moved = 0
+    for name in pr:
+        assert rel_err(pf[name], pr[name]) < param_tol, name
+        moved += 1
+    assert moved > 0
+
+
+needs_fused = pytest.mark.skipif(not FUSED, reason="no fused backend here (C++ extension not built, no Triton)")
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_trains_like_reference_fp32(backend):
+    ref = train("reference")
+    fused = train(backend)
+    assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_trains_like_reference_with_gradient_checkpointing(backend):
+    ref = train("reference")
+    fused = train(backend, checkpointing=True)  # and checkpointing changes nothing either
+    assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
+
+
+@needs_fused
+@pytest.mark.skipif(not hasattr(ik, "MultiTenantPromptGenerator"), reason="no multi-tenant generator")
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_trains_like_reference_three_tenants_in_one_batch(backend):
+    ref = train("reference", num_tenants=3)
+    fused = train(backend, num_tenants=3)
+    assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
+    for name, p in ref[1].items():  # every tenant's slice trained (each row of the stacked weights moved)
+        if p.dim() >= 1 and p.shape[0] == 3:
+            init = train("reference", steps=0, num_tenants=3)[1][name]
+            assert all(not torch.equal(p[t], init[t]) for t in range(3)), name
+            break
+    else:
+        pytest.fail("no stacked (tenant-leading) parameter found in the multi-tenant generators")
+
+
+@needs_fused
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_trains_like_reference_bf16_backbone(backend):
+    ref = train("reference", dtype=torch.bfloat16)
+    fused = train(backend, dtype=torch.bfloat16)
+    assert_converges_alike(fused, ref, loss_rtol=2e-3, param_tol=5e-3)
