@@ -171,7 +171,8 @@ def train_losses(backend, dtype, device, steps, batches):
     import iapt_kernels as ik
     from iapt_kernels.train import SyntheticTask, tiny_llama
 
-    model = tiny_llama(SyntheticTask.vocab_size, seed=0).to(device=device, dtype=dtype)  # frozen backbone
+    # HF's init (std 0.02), as tests/test_convergence.py: the demo's 0.2 is chaotic under AdamW.
+    model = tiny_llama(SyntheticTask.vocab_size, seed=0, initializer_range=0.02).to(device=device, dtype=dtype)
     torch.manual_seed(1)
     w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, backend=backend))
     w.to(device)  # the generators stay fp32
