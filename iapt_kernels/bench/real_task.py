@@ -675,7 +675,8 @@ def _plot(results: dict, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss on the response tokens")
     ax.set_yscale("log")
-    ax.set_title(f"{results['setup']['model']}: train loss (running mean of {k}), validation (dots)", fontsize=9)
+    ax.set_title(f"{results['setup']['model']}\ntrain loss (running mean of {k} steps), validation loss (dots)",
+                 fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
