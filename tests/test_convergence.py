@@ -27,11 +27,13 @@ from iapt_kernels.train import tiny_llama  # noqa: E402  (needs transformers)
 
 STEPS, L, R, VOCAB, BATCH, NUM_BATCHES = 32, 4, 16, 32, 6, 4
 SLOT, PAD = 3, 0
-# The fused backend of each device: C++ on CPU, Triton on CUDA. Triton in its CPU interpreter is exact but
-# takes ~10 s a step on 2 cores, too slow for 32 steps in CI; its one-step parity on a Hugging Face model
-# is test_integration.py::test_triton_backend_switch_matches_reference.
-FUSED = [b for b in ik.available_backends()
-         if b == "cpp" or (b == "triton" and torch.cuda.is_available())]
+# The fused backend of each device, and where it runs: C++ on CPU; Triton on CUDA tensors (a `gpu` case,
+# skipped with "needs CUDA" here). Triton in its CPU interpreter is exact but takes ~10 s a step on 2
+# cores, too slow for 32 steps in CI; its one-step parity on a Hugging Face model is
+# test_integration.py::test_triton_backend_switch_matches_reference. The reference runs on the same device.
+FUSED = [pytest.param("cpp", "cpu", id="cpp-cpu", marks=pytest.mark.skipif(
+             "cpp" not in ik.available_backends(), reason="the C++ extension is not built")),
+         pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
 
 
 def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
@@ -54,16 +56,16 @@ def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)  # the fp32 reference run serves two tests
-def train(backend: str, *, steps: int = STEPS, checkpointing: bool = False, num_tenants: int = 1,
-          dtype: torch.dtype = torch.float32) -> tuple[list[float], dict]:
+def train(backend: str, where: str = "cpu", *, steps: int = STEPS, checkpointing: bool = False,
+          num_tenants: int = 1, dtype: torch.dtype = torch.float32) -> tuple[list[float], dict]:
     """Per-step losses and the final generator state_dict of one training run."""
     # Hugging Face's initialisation (std 0.02): the demo's 0.2 makes a chaotic model, in which AdamW turns
     # last-bit differences into visible ones within a few steps whatever the kernels.
-    model = tiny_llama(VOCAB, seed=0, initializer_range=0.02).to(dtype)
+    model = tiny_llama(VOCAB, seed=0, initializer_range=0.02).to(where, dtype)
     torch.manual_seed(1)  # same generator initialisation for every backend
     w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=L, bottleneck_size=R, num_tenants=num_tenants,
                                            backend=backend))
-    w.train()
+    w.to(where).train()
     if checkpointing:
         enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
         enable()
@@ -73,12 +75,12 @@ def train(backend: str, *, steps: int = STEPS, checkpointing: bool = False, num_
     batches = fixed_batches(num_tenants)
     losses = []
     for step in range(steps):
-        loss = w(**batches[step % len(batches)]).loss
+        loss = w(**{k: v.to(where) for k, v in batches[step % len(batches)].items()}).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    return losses, {k: v.detach().clone() for k, v in w.generators.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in w.generators.state_dict().items()}
 
 
 def assert_converges_alike(fused, ref, loss_rtol: float, param_tol: float) -> None:
@@ -95,44 +97,37 @@ def assert_converges_alike(fused, ref, loss_rtol: float, param_tol: float) -> No
     assert moved > 0
 
 
-needs_fused = pytest.mark.skipif(not FUSED, reason="no fused backend here (C++ extension not built, no Triton)")
-
-
-@needs_fused
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_trains_like_reference_fp32(backend):
-    ref = train("reference")
-    fused = train(backend)
+@pytest.mark.parametrize("backend, where", FUSED)
+def test_fused_trains_like_reference_fp32(backend, where):
+    ref = train("reference", where)
+    fused = train(backend, where)
     assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
 
 
-@needs_fused
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_trains_like_reference_with_gradient_checkpointing(backend):
-    ref = train("reference")
-    fused = train(backend, checkpointing=True)  # and checkpointing changes nothing either
+@pytest.mark.parametrize("backend, where", FUSED)
+def test_fused_trains_like_reference_with_gradient_checkpointing(backend, where):
+    ref = train("reference", where)
+    fused = train(backend, where, checkpointing=True)  # and checkpointing changes nothing either
     assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
 
 
-@needs_fused
 @pytest.mark.skipif(not hasattr(ik, "MultiTenantPromptGenerator"), reason="no multi-tenant generator")
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_trains_like_reference_three_tenants_in_one_batch(backend):
-    ref = train("reference", num_tenants=3)
-    fused = train(backend, num_tenants=3)
+@pytest.mark.parametrize("backend, where", FUSED)
+def test_fused_trains_like_reference_three_tenants_in_one_batch(backend, where):
+    ref = train("reference", where, num_tenants=3)
+    fused = train(backend, where, num_tenants=3)
     assert_converges_alike(fused, ref, loss_rtol=1e-5, param_tol=1e-5)
     for name, p in ref[1].items():  # every tenant's slice trained (each row of the stacked weights moved)
         if p.dim() >= 1 and p.shape[0] == 3:
-            init = train("reference", steps=0, num_tenants=3)[1][name]
+            init = train("reference", where, steps=0, num_tenants=3)[1][name]
             assert all(not torch.equal(p[t], init[t]) for t in range(3)), name
             break
     else:
         pytest.fail("no stacked (tenant-leading) parameter found in the multi-tenant generators")
 
 
-@needs_fused
-@pytest.mark.parametrize("backend", FUSED)
-def test_fused_trains_like_reference_bf16_backbone(backend):
-    ref = train("reference", dtype=torch.bfloat16)
-    fused = train(backend, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend, where", FUSED)
+def test_fused_trains_like_reference_bf16_backbone(backend, where):
+    ref = train("reference", where, dtype=torch.bfloat16)
+    fused = train(backend, where, dtype=torch.bfloat16)
     assert_converges_alike(fused, ref, loss_rtol=2e-3, param_tol=5e-3)
