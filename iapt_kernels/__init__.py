@@ -8,23 +8,50 @@ Public API:
 Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
 :mod:`iapt_kernels.reference`. ``backend="auto"`` picks Triton for CUDA tensors and C++ for CPU ones.
+
+The floors (docs/design.md section 4): ``_validate``, ``tenants``, ``fits`` and ``reference`` import
+neither Triton nor the kernel layer, so they are imported first, always. The kernel layer
+(``ops``, ``library``, ``functional``, ``modules``, and ``integrations`` on top) imports Triton; it is
+imported here too whenever Triton is importable, so its names, and the ``iapt::`` torch.library ops,
+exist as soon as the package does. Without Triton (e.g. on macOS) the package still imports; a name of
+the kernel layer then raises the ImportError that says what is missing.
 """
 
-from . import library as _library  # noqa: F401  (registers the iapt:: torch.library ops)
+from importlib import import_module
+
 from . import reference
+from ._backend import HAS_TRITON as _HAS_TRITON
 from ._backend import available_backends
+from ._version import __version__
 from .fits import rational_init
-from .functional import attention_pool, rational
-from .modules import MultiTenantPromptGenerator, PromptGenerator, Rational, TenantGroups
+from .tenants import TenantGroups
+
+# Where each name of the kernel layer lives.
+_KERNEL_LAYER = {
+    "rational": "functional", "attention_pool": "functional",
+    "Rational": "modules", "PromptGenerator": "modules", "MultiTenantPromptGenerator": "modules",
+    "IAPTConfig": "integrations", "IAPTModel": "integrations", "apply_iapt": "integrations",
+    "insert_prompt_slots": "integrations", "save_iapt": "integrations", "load_iapt": "integrations",
+    "IAPTDataCollator": "integrations",
+}
 
 __all__ = [
     "rational", "Rational", "rational_init", "attention_pool", "PromptGenerator", "available_backends",
     "reference", "MultiTenantPromptGenerator", "TenantGroups",
+    # Hugging Face integration (docs/design.md section 9): transformers is imported lazily.
+    "IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt", "IAPTDataCollator",
 ]
-__version__ = "0.1.0"
 
-# Hugging Face integration (docs/design.md section 4, integrations/): transformers is imported lazily.
-from .integrations import (  # noqa: E402
-    IAPTConfig, IAPTDataCollator, IAPTModel, apply_iapt, insert_prompt_slots, load_iapt, save_iapt)
 
-__all__ += ["IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt", "IAPTDataCollator"]
+def __getattr__(name: str):
+    if name in _KERNEL_LAYER:
+        value = getattr(import_module(f".{_KERNEL_LAYER[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if _HAS_TRITON:
+    for _name in _KERNEL_LAYER:
+        __getattr__(_name)
+    del _name

@@ -1,8 +1,10 @@
-"""Which backends work in this process, and which one a call runs on.
+"""Which backends work in this process, and which one a call runs on: the one backend seam.
 
 `auto` means Triton for CUDA tensors, the C++ extension for CPU tensors when it is built, else the
 reference. Nothing here falls back silently from an explicitly requested backend: asking for one that
-cannot run is an error that says how to get it.
+cannot run is an error that says how to get it. `resolve_backend` is called once per public call, by
+`functional`; the library ops and the autograd Functions only read its answer. The name check itself
+is `_validate.check_backend`, shared with the modules, which check the name when they are built.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
+from ._validate import BACKENDS, check_backend
+
+__all__ = ["BACKENDS", "HAS_TRITON", "HAS_CPP", "available_backends", "resolve_backend", "triton_interpreted"]
 
 try:
     import triton  # noqa: F401
@@ -65,8 +69,7 @@ def available_backends() -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend (``triton``, ``cpp`` or ``reference``) a call on ``device`` runs on."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and HAS_TRITON:
             return "triton"

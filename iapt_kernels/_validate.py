@@ -10,6 +10,17 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_DEGREE = 8
+BACKENDS = ("auto", "triton", "cpp", "reference")
+REFERENCE_BACKENDS = ("auto", "reference")  # what the reference modules accept, for signature parity
+
+
+def check_backend(backend: object, allowed: tuple[str, ...] = BACKENDS, owner: str = "") -> str:
+    """The one backend-name check: `backend` must be in `allowed`. Whether that backend can run on a
+    given device is `_backend.resolve_backend`'s business, once the tensors are known."""
+    if backend not in allowed:
+        who = f"{owner} runs only the reference backend: " if allowed == REFERENCE_BACKENDS else ""
+        raise ValueError(f"{who}backend must be one of {allowed}, got {backend!r}")
+    return backend
 
 
 def check_float_tensor(name: str, t: object) -> None:
@@ -236,3 +247,34 @@ def check_slot_index(slot_index: object, mask: torch.Tensor | None, batch_size: 
                 f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is an instruction position (mask is True "
                 "there): prompts must not overwrite the instruction they are computed from"
             )
+
+
+def check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, num_tenants: int, batch_size: int,
+                              down_weight, down_bias, pool_weight, numerator, denominator, up_weight, up_bias,
+                              version: str) -> tuple[int, int, int, int]:
+    """Validate a multi-tenant generator call (stacked weights, one slice per tenant) whose requests
+    were grouped into a `TenantGroups` of `num_tenants` tenants and `batch_size` requests; return
+    `(T, d, r, L)`."""
+    stacked = dict(down_weight=(down_weight, 3), down_bias=(down_bias, 2), pool_weight=(pool_weight, 3),
+                   numerator=(numerator, 2), denominator=(denominator, 2), up_weight=(up_weight, 3),
+                   up_bias=(up_bias, 2))
+    for name, (t, dim) in stacked.items():
+        check_float_tensor(name, t)
+        if t.dim() != dim or t.shape[0] != num_tenants:
+            raise ValueError(f"{name} must be stacked ({num_tenants}, ...) with {dim} dimensions for "
+                             f"num_tenants={num_tenants}, got shape {tuple(t.shape)}")
+    B, d, r, L = check_attention_pool_inputs(hidden_states, mask, down_weight[0], down_bias[0], pool_weight[0],
+                                             cu_seqlens)
+    if B != batch_size:
+        raise ValueError(f"tenant_ids (the groups were built from them) has {batch_size} entries but the batch "
+                         f"has {B} requests")
+    check_version(version)
+    m, n = numerator.shape[1] - 1, denominator.shape[1]
+    if not (1 <= m <= MAX_DEGREE and 1 <= n <= MAX_DEGREE):
+        raise ValueError(f"rational degrees (m, n) = ({m}, {n}) must each be in 1..{MAX_DEGREE}")
+    if up_weight.shape[1:] != (d, r) or up_bias.shape[1:] != (d,):
+        raise ValueError(f"up_weight must be (T, d, r) = (T, {d}, {r}) and up_bias (T, d), got "
+                         f"{tuple(up_weight.shape)} and {tuple(up_bias.shape)}")
+    check_same_device(hidden_states=hidden_states, numerator=numerator, denominator=denominator,
+                      up_weight=up_weight, up_bias=up_bias)
+    return num_tenants, d, r, L

@@ -1,17 +1,29 @@
-"""Public functional API: validate once, pick the backend, run."""
+"""Public functional API, one entry per op: validate once, resolve the backend once, run.
+
+The modules (`iapt_kernels.modules`) hold parameters and call these; nothing else picks a backend.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from . import _backend
-from ._validate import check_attention_pool_inputs, check_rational_inputs
+from . import library as _library  # noqa: F401  (registers the iapt:: ops the Functions below call)
+from . import reference as _reference
+from ._validate import check_attention_pool_inputs, check_multi_tenant_inputs, check_rational_inputs
 from .ops.attention_pool import MAX_TOKENS, AttentionPoolFunction
+from .ops.multi_tenant_generator import MultiTenantGeneratorFunction
 from .ops.rational import RationalFunction
-from .reference import attention_pool as _reference_attention_pool
-from .reference import rational as _reference_rational
+from .tenants import TenantGroups
 
-__all__ = ["rational", "attention_pool"]
+__all__ = ["rational", "attention_pool", "multi_tenant_generator"]
+
+
+def _max_seqlen(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """The kernels' `S`: the padded length, or the longest packed sequence (one host sync)."""
+    if cu_seqlens is None:
+        return hidden_states.shape[1]
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 def rational(
@@ -41,7 +53,7 @@ def rational(
     check_rational_inputs(x, numerator, denominator, version)
     which = _backend.resolve_backend(backend, x.device)
     if which == "reference":
-        return _reference_rational(x, numerator, denominator, version=version)
+        return _reference.rational(x, numerator, denominator, version=version)
     return RationalFunction.apply(x, numerator, denominator, version, which)
 
 
@@ -78,14 +90,61 @@ def attention_pool(
     B, d, r, L = check_attention_pool_inputs(hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens)
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
-        return _reference_attention_pool(
+        return _reference.attention_pool(
             hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens=cu_seqlens)
     if L > MAX_TOKENS:
         raise ValueError(f"the fused attention_pool supports up to {MAX_TOKENS} soft tokens, got L={L}")
-    if cu_seqlens is not None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    else:
-        max_seqlen = hidden_states.shape[1]
-    u, *_ = AttentionPoolFunction.apply(
-        hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, which)
+    u, *_ = AttentionPoolFunction.apply(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight,
+                                        _max_seqlen(hidden_states, cu_seqlens), which)
     return u
+
+
+def multi_tenant_generator(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: TenantGroups,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    pool_weight: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    *,
+    version: str = "B",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``T`` tenants' soft-prompt generators over one batch that mixes tenants (docs/design.md section 8).
+
+    Request ``b`` of tenant ``t`` gets ``P_b = R_t(attention_pool_t(H_b)) Wu_t^T + bu_t``; requests of
+    tenant ``-1`` get 0.
+
+    Args:
+        hidden_states, mask, cu_seqlens: as :func:`attention_pool` (padded or packed).
+        groups: the batch grouped by tenant, ``TenantGroups.build(tenant_ids, T)`` (checks the ids;
+            build it once per batch and reuse it for every layer).
+        down_weight ``(T, r, d)``, down_bias ``(T, r)``, pool_weight ``(T, L, r)``: in the dtype of
+            ``hidden_states``. numerator ``(T, m+1)``, denominator ``(T, n)``: each tenant's rational
+            coefficients. up_weight ``(T, d, r)``, up_bias ``(T, d)``.
+        version: of the rational activation, ``"B"`` or ``"A"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else reference), ``"triton"``,
+            ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``P (B, L, d)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and every
+        stacked weight (tenants absent from the batch get gradient 0).
+    """
+    _, _, _, L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, groups.num_tenants, groups.batch_size,
+                                           down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
+                                           up_bias, version)
+    which = _backend.resolve_backend(backend, hidden_states.device)
+    if which == "reference":
+        return _reference.multi_tenant_generator(
+            hidden_states, mask, groups, down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
+            up_bias, version=version, cu_seqlens=cu_seqlens)
+    if which == "triton" and L > MAX_TOKENS:
+        raise ValueError(f"the fused generator supports up to {MAX_TOKENS} soft tokens, got L={L}")
+    return MultiTenantGeneratorFunction.apply(
+        hidden_states, mask, cu_seqlens, groups, down_weight, down_bias, pool_weight, numerator, denominator,
+        up_weight, up_bias, version, _max_seqlen(hidden_states, cu_seqlens), which)

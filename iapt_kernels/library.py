@@ -1,9 +1,11 @@
 """`torch.library` custom ops, namespace `iapt`: one op name per kernel, dispatched on the device.
 
-CUDA tensors run the Triton launchers. CPU tensors run the C++ kernels, or the Triton launchers in the
-interpreter when the caller asks for `backend="triton"` (tests do, to check the Triton code on CPU).
-Each op has a fake implementation so `torch.compile` can trace through it, and no autograd of its own:
-the `<Op>Function` classes in `ops/` pair the forward and backward ops.
+Each op is declared once (its schema is the Python signature below) and registered by `_register`:
+CUDA tensors run the Triton launcher; CPU tensors run the C++ kernel, or the Triton launcher in the
+interpreter when the caller resolved `backend="triton"` (tests do, to check the Triton code on CPU);
+a fake implementation lets `torch.compile` trace through. The backend itself is resolved once, in
+`functional` (`_backend.resolve_backend`); the ops only read the resolved name. No op has an autograd
+of its own: the `<Op>Function` classes in `ops/` pair the forward and backward ops.
 """
 
 from __future__ import annotations
@@ -14,16 +16,36 @@ from . import _backend
 from .ops import attention_pool as _attention_pool
 from .ops import multi_tenant_generator as _multi_tenant
 from .ops import rational as _rational
+from .ops.utils import compute_dtype
 
 
-def _cpu_or_triton(backend: str, triton_fn, cpp_name: str):
-    if backend == "triton":
-        return triton_fn
-    if backend != "cpp":
-        raise ValueError(f"iapt ops run backend 'triton' or 'cpp', got {backend!r}")
+def _cpp(name: str):
+    """The C++ kernel `name` of the extension, or an error saying why it is missing."""
     if not _backend.HAS_CPP:
         raise RuntimeError(f"the C++ extension is not available: {_backend.CPP_ERROR}")
-    return getattr(_backend._C, cpp_name)
+    return getattr(_backend._C, name)
+
+
+def _register(op, *, triton, cpp, fake, backend_at: int = -1) -> None:
+    """Register `op`'s CPU, CUDA and fake implementations. `triton`, `cpp` and `fake` take the op's
+    arguments without `backend` (the argument at `backend_at`): CUDA runs `triton`, CPU runs `cpp` or,
+    for `backend="triton"`, `triton` in the interpreter."""
+
+    def split(args):
+        args = list(args)
+        return args.pop(backend_at), args
+
+    def cpu(*args):
+        backend, rest = split(args)
+        if backend == "triton":
+            return triton(*rest)
+        if backend != "cpp":
+            raise ValueError(f"iapt ops run backend 'triton' or 'cpp' on CPU tensors, got {backend!r}")
+        return cpp(*rest)
+
+    op.register_kernel("cpu")(cpu)
+    op.register_kernel("cuda")(lambda *args: triton(*split(args)[1]))
+    op.register_fake(lambda *args: fake(*split(args)[1]))
 
 
 # --------------------------------------------------------------------------- rational
@@ -35,24 +57,6 @@ def rational_fwd(
 ) -> torch.Tensor:
     """Rational activation forward; see `iapt_kernels.ops.rational` for the formula."""
     raise NotImplementedError(f"iapt::rational_fwd has no kernel for device {x.device}")
-
-
-@rational_fwd.register_kernel("cpu")
-def _(x, numerator, denominator, version, backend):
-    fn = _cpu_or_triton(backend, _rational.rational_fwd, "rational_fwd")
-    if backend == "cpp":
-        return fn(x.contiguous(), numerator, denominator, version == "B")
-    return fn(x.contiguous(), numerator, denominator, version)
-
-
-@rational_fwd.register_kernel("cuda")
-def _(x, numerator, denominator, version, backend):
-    return _rational.rational_fwd(x.contiguous(), numerator, denominator, version)
-
-
-@rational_fwd.register_fake
-def _(x, numerator, denominator, version, backend):
-    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("iapt::rational_bwd", mutates_args=())
@@ -68,22 +72,20 @@ def rational_bwd(
     raise NotImplementedError(f"iapt::rational_bwd has no kernel for device {x.device}")
 
 
-@rational_bwd.register_kernel("cpu")
-def _(grad, x, numerator, denominator, version, backend):
-    fn = _cpu_or_triton(backend, _rational.rational_bwd, "rational_bwd")
-    if backend == "cpp":
-        return tuple(fn(grad.contiguous(), x.contiguous(), numerator, denominator, version == "B"))
-    return fn(grad.contiguous(), x.contiguous(), numerator, denominator, version)
-
-
-@rational_bwd.register_kernel("cuda")
-def _(grad, x, numerator, denominator, version, backend):
-    return _rational.rational_bwd(grad.contiguous(), x.contiguous(), numerator, denominator, version)
-
-
-@rational_bwd.register_fake
-def _(grad, x, numerator, denominator, version, backend):
-    return x.new_empty(x.shape), torch.empty_like(numerator), torch.empty_like(denominator)
+# The C++ kernels take `version_b: bool`; the launchers want contiguous inputs.
+_register(
+    rational_fwd,
+    triton=lambda x, num, den, version: _rational.rational_fwd(x.contiguous(), num, den, version),
+    cpp=lambda x, num, den, version: _cpp("rational_fwd")(x.contiguous(), num, den, version == "B"),
+    fake=lambda x, num, den, version: x.new_empty(x.shape),
+)
+_register(
+    rational_bwd,
+    triton=lambda g, x, num, den, version: _rational.rational_bwd(g.contiguous(), x.contiguous(), num, den, version),
+    cpp=lambda g, x, num, den, version: tuple(_cpp("rational_bwd")(g.contiguous(), x.contiguous(), num, den,
+                                                                    version == "B")),
+    fake=lambda g, x, num, den, version: (x.new_empty(x.shape), torch.empty_like(num), torch.empty_like(den)),
+)
 
 
 # --------------------------------------------------------------------------- attention_pool
@@ -104,29 +106,6 @@ def attention_pool_fwd(
     raise NotImplementedError(f"iapt::attention_pool_fwd has no kernel for device {hidden_states.device}")
 
 
-@attention_pool_fwd.register_kernel("cpu")
-def _(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend):
-    fn = _cpu_or_triton(backend, _attention_pool.attention_pool_fwd, "attention_pool_fwd")
-    return tuple(fn(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen))
-
-
-@attention_pool_fwd.register_kernel("cuda")
-def _(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend):
-    return _attention_pool.attention_pool_fwd(
-        hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen)
-
-
-@attention_pool_fwd.register_fake
-def _(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend):
-    cdt = _attention_pool.compute_dtype(hidden_states)
-    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden_states.shape[0]
-    S = max_seqlen if cu_seqlens is not None else hidden_states.shape[1]
-    L, r = pool_weight.shape
-    d = down_weight.shape[1]
-    new = hidden_states.new_empty
-    return new((B, L, r)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B,), dtype=cdt)
-
-
 @torch.library.custom_op("iapt::attention_pool_bwd", mutates_args=())
 def attention_pool_bwd(
     grad: torch.Tensor,
@@ -145,38 +124,37 @@ def attention_pool_bwd(
     raise NotImplementedError(f"iapt::attention_pool_bwd has no kernel for device {hidden_states.device}")
 
 
-@attention_pool_bwd.register_kernel("cpu")
-def _(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, pooled_inputs, nonempty,
-      max_seqlen, backend):
-    fn = _cpu_or_triton(backend, _attention_pool.attention_pool_bwd, "attention_pool_bwd")
-    return tuple(fn(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, pooled_inputs,
-                    nonempty, max_seqlen))
+def _attention_pool_fwd_fake(h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen):
+    cdt = compute_dtype(h)
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else h.shape[0]
+    S = max_seqlen if cu_seqlens is not None else h.shape[1]
+    L, r = pool_weight.shape
+    d = down_weight.shape[1]
+    new = h.new_empty
+    return new((B, L, r)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B,), dtype=cdt)
 
 
-@attention_pool_bwd.register_kernel("cuda")
-def _(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, pooled_inputs, nonempty,
-      max_seqlen, backend):
-    return _attention_pool.attention_pool_bwd(
-        grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, pooled_inputs, nonempty,
-        max_seqlen)
+def _attention_pool_bwd_fake(grad, h, mask, cu_seqlens, down_weight, pool_weight, *saved_and_max_seqlen):
+    return (h.new_empty(h.shape), torch.empty_like(down_weight), down_weight.new_empty(down_weight.shape[0]),
+            torch.empty_like(pool_weight))
 
 
-@attention_pool_bwd.register_fake
-def _(grad, hidden_states, mask, cu_seqlens, down_weight, pool_weight, weights, pooled_inputs, nonempty,
-      max_seqlen, backend):
-    return (hidden_states.new_empty(hidden_states.shape), torch.empty_like(down_weight),
-            down_weight.new_empty(down_weight.shape[0]), torch.empty_like(pool_weight))
+_register(
+    attention_pool_fwd,
+    triton=_attention_pool.attention_pool_fwd,
+    cpp=lambda *args: tuple(_cpp("attention_pool_fwd")(*args)),
+    fake=_attention_pool_fwd_fake,
+)
+_register(
+    attention_pool_bwd,
+    triton=_attention_pool.attention_pool_bwd,
+    cpp=lambda *args: tuple(_cpp("attention_pool_bwd")(*args)),
+    fake=_attention_pool_bwd_fake,
+)
 
 
 # --------------------------------------------------------------------------- multi_tenant_generator
 # CPU tensors run the one-pass C++ kernels (csrc/multi_tenant.cpp), or Triton in the interpreter.
-
-
-def _multi_tenant_cpp(backend: str, device: torch.device, name: str):
-    """The C++ kernel `name` for CPU tensors with backend "cpp"; None where Triton runs."""
-    if device.type != "cpu" or backend == "triton":
-        return None
-    return _cpu_or_triton(backend, None, name)
 
 
 @torch.library.custom_op("iapt::multi_tenant_generator_fwd", mutates_args=())
@@ -201,27 +179,7 @@ def multi_tenant_generator_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-tenant generator forward: `(P, A, Z, U, G, n, Wdp)`; see `iapt_kernels.ops.multi_tenant_generator`."""
-    cpp = _multi_tenant_cpp(backend, hidden_states.device, "multi_tenant_generator_fwd")
-    if cpp is not None:
-        return tuple(cpp(hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, down_bias,
-                         pool_weight, numerator, denominator, up_weight, up_bias, version == "B", max_seqlen))
-    return _multi_tenant.multi_tenant_generator_fwd(
-        hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
-        pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen)
-
-
-@multi_tenant_generator_fwd.register_fake
-def _(hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
-      pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen, backend):
-    cdt = _multi_tenant.compute_dtype(hidden_states)
-    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden_states.shape[0]
-    S = max_seqlen if cu_seqlens is not None else hidden_states.shape[1]
-    T, r, d = down_weight.shape
-    L = pool_weight.shape[1]
-    K = seg_tenant.shape[0]
-    new = hidden_states.new_empty
-    return (new((B, L, d)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B, L, r), dtype=cdt),
-            new((B, L, r), dtype=cdt), new((B,), dtype=cdt), new((K, d, L), dtype=cdt))
+    raise NotImplementedError(f"iapt::multi_tenant_generator_fwd has no kernel for device {hidden_states.device}")
 
 
 @torch.library.custom_op("iapt::multi_tenant_generator_bwd", mutates_args=())
@@ -255,26 +213,60 @@ def multi_tenant_generator_bwd(
     """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`, the weight gradients
     in their weights' dtypes (`gnum`, `gden` in the compute dtype); `absent` (TenantGroups.absent), the
     tenants whose gradient slices are only zero-filled."""
-    cpp = _multi_tenant_cpp(backend, hidden_states.device, "multi_tenant_generator_bwd")
-    if cpp is not None:
-        gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = cpp(
-            grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, pool_weight,
-            numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty, pool_product,
-            version == "B", max_seqlen)
-        wdt, pdt, udt = down_weight.dtype, pool_weight.dtype, up_weight.dtype
-        return gh, gwd.to(wdt), gbd.to(wdt), gwp.to(pdt), gnum, gden, gwu.to(udt), gbu.to(udt)
-    return _multi_tenant.multi_tenant_generator_bwd(
-        grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
-        pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
-        pool_product, version, max_seqlen, absent)
+    raise NotImplementedError(f"iapt::multi_tenant_generator_bwd has no kernel for device {hidden_states.device}")
 
 
-@multi_tenant_generator_bwd.register_fake
-def _(grad, hidden_states, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
-      pool_weight, numerator, denominator, up_weight, weights, pooled_inputs, pooled, activated, nonempty,
-      pool_product, version, max_seqlen, backend, absent=None):
+def _multi_tenant_fwd_cpp(h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
+                          pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen):
+    # The C++ pass walks `order` by segment itself: `wsel` and `unit` are the Triton launch lists.
+    return tuple(_cpp("multi_tenant_generator_fwd")(
+        h, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, down_bias, pool_weight, numerator,
+        denominator, up_weight, up_bias, version == "B", max_seqlen))
+
+
+def _multi_tenant_bwd_cpp(grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
+                          pool_weight, numerator, denominator, up_weight, a, z, u, g, n, wdp, version, max_seqlen,
+                          absent=None):
+    gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = _cpp("multi_tenant_generator_bwd")(
+        grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, pool_weight, numerator, denominator,
+        up_weight, a, z, u, g, n, wdp, version == "B", max_seqlen)
+    wdt, pdt, udt = down_weight.dtype, pool_weight.dtype, up_weight.dtype
+    return gh, gwd.to(wdt), gbd.to(wdt), gwp.to(pdt), gnum, gden, gwu.to(udt), gbu.to(udt)
+
+
+def _multi_tenant_fwd_fake(h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
+                           pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen):
+    cdt = compute_dtype(h)
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else h.shape[0]
+    S = max_seqlen if cu_seqlens is not None else h.shape[1]
+    T, r, d = down_weight.shape
+    L = pool_weight.shape[1]
+    K = seg_tenant.shape[0]
+    new = h.new_empty
+    return (new((B, L, d)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B, L, r), dtype=cdt),
+            new((B, L, r), dtype=cdt), new((B,), dtype=cdt), new((K, d, L), dtype=cdt))
+
+
+def _multi_tenant_bwd_fake(grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
+                           pool_weight, numerator, denominator, up_weight, *saved_and_meta):
     T, r, d = down_weight.shape
     L = pool_weight.shape[1]
     wd, wp, wu = down_weight.new_empty, pool_weight.new_empty, up_weight.new_empty
-    return (hidden_states.new_empty(hidden_states.shape), wd((T, r, d)), wd((T, r)), wp((T, L, r)),
-            torch.empty_like(numerator), torch.empty_like(denominator), wu((T, d, r)), wu((T, d)))
+    return (h.new_empty(h.shape), wd((T, r, d)), wd((T, r)), wp((T, L, r)), torch.empty_like(numerator),
+            torch.empty_like(denominator), wu((T, d, r)), wu((T, d)))
+
+
+_register(
+    multi_tenant_generator_fwd,
+    triton=_multi_tenant.multi_tenant_generator_fwd,
+    cpp=_multi_tenant_fwd_cpp,
+    fake=_multi_tenant_fwd_fake,
+)
+# `backend` is the last required argument; `absent` (optional) follows it.
+_register(
+    multi_tenant_generator_bwd,
+    triton=_multi_tenant.multi_tenant_generator_bwd,
+    cpp=_multi_tenant_bwd_cpp,
+    fake=_multi_tenant_bwd_fake,
+    backend_at=22,
+)

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+import iapt_kernels as ik
+
 __all__ = ["main", "SyntheticTask", "tiny_llama", "load_demo", "exact_match"]
 
 HELD_OUT_SEED = 10_000  # the held-out examples' RNG seed: never a training seed (those are seed * 1000 + rank)
@@ -162,7 +164,6 @@ def exact_match(iapt, examples, num_tokens: int, pad_id: int, slot_id: int, batc
 
 def load_demo(path: str, device=None):
     """``(iapt_model, task)`` of a built-in demo run saved in ``path`` (backbone, adapter and task)."""
-    import iapt_kernels as ik
     import transformers
 
     meta_file = os.path.join(path, "demo.json")
@@ -189,7 +190,6 @@ def _score(iapt, task, n, num_tokens, log):
 def main(argv=None) -> float | None:
     """Command-line entry point (see the module docstring). Returns the held-out exact match of the
     synthetic task (``None`` with ``--data``)."""
-    import iapt_kernels as ik
     from tqdm.auto import tqdm
 
     args = _parse(sys.argv[1:] if argv is None else argv)

@@ -13,6 +13,9 @@ from typing import Callable
 
 import torch
 
+import iapt_kernels
+from iapt_kernels import reference
+
 MODES = ("fwd", "fwd+bwd")
 
 # Default sweeps. The largest size of each op is the "default size" of the acceptance criteria.
@@ -83,8 +86,6 @@ def _compile(fn):
 
 
 def kernel_backends(device: str) -> list[str]:
-    import iapt_kernels
-
     avail = iapt_kernels.available_backends()
     if device == "cuda":
         return ["triton"] if "triton" in avail else []
@@ -94,9 +95,6 @@ def kernel_backends(device: str) -> list[str]:
 def rational_cases(device: str, sizes=RATIONAL_SIZES, dtypes=(torch.float32,), backends=None,
                    compiled=True) -> list[Case]:
     """Rational activation, degrees (5, 4), version B, one group, on a flat tensor of `numel` elements."""
-    import iapt_kernels
-    from iapt_kernels import reference
-
     backends = backends if backends is not None else kernel_backends(device)
     num0, den0 = iapt_kernels.rational_init("gelu", (5, 4))
     cases = []
@@ -134,9 +132,6 @@ def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,
                     compiled=True) -> list[Case]:
     """attention_pool alone and the whole prompt generator (pool + rational + up-projection), at
     `(B, S, d, r, L)`, with a random instruction mask covering ~80% of the positions."""
-    import iapt_kernels
-    from iapt_kernels import reference
-
     backends = backends if backends is not None else kernel_backends(device)
     cases = []
     for B, S, d, r, L in shapes:
@@ -176,25 +171,15 @@ def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,
 
 
 def multi_tenant_available() -> bool:
-    """True when `iapt_kernels.MultiTenantPromptGenerator` and its reference twin are importable."""
-    try:
-        import iapt_kernels
-        from iapt_kernels import reference
-    except Exception:  # pragma: no cover
-        return False
-    return hasattr(iapt_kernels, "MultiTenantPromptGenerator") and hasattr(reference, "MultiTenantPromptGenerator")
+    """Kept for callers of the bench API: the multi-tenant generator is always part of the package."""
+    return True
 
 
 def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.float32,), backends=None,
                        compiled=True) -> list[Case]:
     """The multi-tenant generator at `(T, B, S, d, r, L)`: `T` tenants' generators and `B` requests
     whose tenants follow a mix (`TENANT_MIXES`; every mix at the last shape, round robin at the
-    others); empty when the class is not importable."""
-    if not multi_tenant_available():
-        return []
-    import iapt_kernels
-    from iapt_kernels import reference
-
+    others)."""
     backends = backends if backends is not None else kernel_backends(device)
     cases = []
     runs = [(shape, "round_robin") for shape in shapes[:-1]] + [(shapes[-1], mix) for mix in TENANT_MIXES]

@@ -17,6 +17,9 @@ import os
 
 import torch
 
+import iapt_kernels
+from iapt_kernels import reference
+
 from .cases import MODES, _mask, _runner, kernel_backends, tenant_mix
 from .timing import time_cpu, time_cuda
 
@@ -49,9 +52,6 @@ def tenant_sweep(device: str, tenants=TENANTS, shape=None, dtype=torch.float32, 
                  progress=None) -> list[dict]:
     """Time the sweep; one record per (tenants, mode, implementation) with `ms`, and `x_loop` =
     reference loop time / this time."""
-    import iapt_kernels
-    from iapt_kernels import reference
-
     B, S, d, r, L = shape or SHAPE["cuda" if device == "cuda" else "cpu"]
     timer = timer or (time_cuda if device == "cuda" else time_cpu)
     fused = [b for b in kernel_backends(device) if b != "reference"]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modules import MultiTenantPromptGenerator, PromptGenerator
 from .transformers import IAPTConfig, IAPTModel, apply_iapt
 
 __all__ = ["save_iapt", "load_iapt", "read_iapt_config"]
@@ -34,32 +35,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _tenant_generator(mt: nn.Module, t: int) -> nn.Module:
-    """Tenant ``t`` of a multi-tenant generator as a single-tenant ``PromptGenerator``."""
-    get = getattr(mt, "generator", None)
-    if not callable(get):
-        raise NotImplementedError(f"{type(mt).__name__} has no .generator(t)")
-    return get(t)
-
-
-def _set_tenant(mt: nn.Module, t: int, gen: nn.Module) -> None:
-    """Write single-tenant generator ``gen`` into tenant slot ``t`` of ``mt``."""
-    for name in ("set_generator", "load_generator", "set_tenant"):
-        fn = getattr(mt, name, None)
-        if callable(fn):
-            fn(t, gen)
-            return
-    # Generic fallback: stacked parameters named like the single generator's with a leading tenant axis.
-    src = dict(gen.named_parameters())
-    dst = dict(mt.named_parameters())
+def _set_tenant(mt: MultiTenantPromptGenerator, t: int, gen: PromptGenerator) -> None:
+    """Write single-tenant generator ``gen`` into tenant slot ``t`` of ``mt``: each stacked parameter
+    is named like the single generator's, with a leading tenant axis."""
+    stacked = dict(mt.named_parameters())
     with torch.no_grad():
-        for name, p in src.items():
-            if name in dst and dst[name].dim() >= 1 and dst[name][t].numel() == p.numel():
-                dst[name][t].copy_(p.reshape(dst[name][t].shape))
-            else:
-                raise NotImplementedError(
-                    f"cannot write tenant {t} of {type(mt).__name__}: no set_generator and no stacked "
-                    f"parameter for {name!r}")
+        for name, p in gen.named_parameters():
+            stacked[name][t].copy_(p.reshape(stacked[name][t].shape))
 
 
 def _check_tenant(t, T: int) -> int:
@@ -188,7 +170,7 @@ def save_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
     if tenant is not None and T > 1:
         _check_tenant(tenant, T)
         # tenant t of every stacked (T, ...) parameter, in the single-tenant generator's shapes
-        shapes = {k: v.shape for k, v in _tenant_generator(model.generators[0], 0).state_dict().items()}
+        shapes = {k: v.shape for k, v in model.generators[0].generator(0).state_dict().items()}
         layers = [{k: _full_tensor(v)[tenant].reshape(shapes[k]) for k, v in sd.items()} for sd in layers]
         out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
     else:
@@ -314,24 +296,20 @@ def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
             g.load_state_dict(sd)
     elif Ts == 1:
         _check_tenant(tenant, Tm)
-        import iapt_kernels
-
         for g, sd in zip(gens, layers):
-            single = iapt_kernels.PromptGenerator(model.hidden_size, cfg.bottleneck_size, cfg.num_tokens,
+            single = PromptGenerator(model.hidden_size, cfg.bottleneck_size, cfg.num_tokens,
                                                   tuple(cfg.degrees), cfg.activation_init, cfg.version)
             single.load_state_dict(sd)
             p0 = next(g.parameters())
             _set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
     else:
         _check_tenant(tenant, Ts)
-        import iapt_kernels
-
         for g, sd in zip(gens, layers):
-            mt = iapt_kernels.MultiTenantPromptGenerator(
+            mt = MultiTenantPromptGenerator(
                 Ts, model.hidden_size, saved_cfg.bottleneck_size, saved_cfg.num_tokens, tuple(saved_cfg.degrees),
                 saved_cfg.activation_init, saved_cfg.version)
             mt.load_state_dict(sd)
-            single = _tenant_generator(mt, tenant)
+            single = mt.generator(tenant)
             p0 = next(g.parameters())
             single = single.to(device=p0.device, dtype=p0.dtype)
             if Tm == 1:

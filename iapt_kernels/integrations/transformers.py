@@ -19,7 +19,7 @@ the backbone called directly is always the bare backbone.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import inspect  # the backbone's forward signature (position_ids), not our own modules
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,7 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _backend
+from .. import functional
+from .._validate import check_backend
+from ..functional import MAX_TOKENS
+from ..modules import MultiTenantPromptGenerator, PromptGenerator, Rational
+from ..tenants import TenantGroups
 from .slots import _require, slot_positions
 
 __all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers"]
@@ -70,8 +74,10 @@ class IAPTConfig:
             raise ValueError(f"IAPTConfig.degrees must be (m, n), got {self.degrees!r}")
         if self.version not in ("A", "B"):
             raise ValueError(f"IAPTConfig.version must be 'A' or 'B', got {self.version!r}")
-        if self.backend not in _backend.BACKENDS:
-            raise ValueError(f"IAPTConfig.backend must be one of {_backend.BACKENDS}, got {self.backend!r}")
+        try:
+            check_backend(self.backend)
+        except ValueError as exc:
+            raise ValueError(f"IAPTConfig.{exc}") from None
         _check_tokens_for_backend(self.num_tokens, self.backend)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,8 +99,6 @@ class IAPTConfig:
 def _check_tokens_for_backend(num_tokens: int, backend: str) -> None:
     # The fused kernels are compiled for L up to MAX_TOKENS: say so when the config is made, not at
     # the first forward.
-    from ..ops.attention_pool import MAX_TOKENS
-
     if backend != "reference" and num_tokens > MAX_TOKENS:
         raise ValueError(f"num_tokens={num_tokens} exceeds the {MAX_TOKENS} soft tokens the fused kernels support "
                          f"(backend={backend!r}): use num_tokens <= {MAX_TOKENS}, or backend='reference'")
@@ -172,12 +176,8 @@ class _SlotState:
 def _build_groups(tenant_ids, num_tenants):
     if tenant_ids is None or num_tenants <= 1:
         return None
-    import iapt_kernels
-
-    tg = getattr(iapt_kernels, "TenantGroups", None)
-    if tg is None:
-        return None
-    return tg.build(tenant_ids, num_tenants)
+    # The ids were checked in-graph by IAPTModel._make_state: checking them again would sync the host.
+    return TenantGroups.from_valid_ids(tenant_ids, num_tenants)
 
 
 def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor) -> torch.Tensor:
@@ -189,9 +189,8 @@ def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tena
     generator's work, static shapes, no host synchronisation. Gradients reach only the tenant of
     each row. Eager mode keeps the grouped kernels.
     """
-    from .. import functional as F_
-
-    backend = getattr(gen, "backend", "auto")
+    F_ = functional
+    backend = gen.backend
     out = None
     for t in range(gen.num_tenants):
         u = F_.attention_pool(hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend)
@@ -322,18 +321,9 @@ class IAPTModel(nn.Module):
             [self._make_generator(config) for _ in range(self.num_layers)]).to(device=device, dtype=gen_dtype)
         if config.share_projections:
             first = self.generators[0]
-            if not (hasattr(first, "down") and hasattr(first, "up")):
-                raise NotImplementedError(
-                    f"share_projections is not supported by {type(first).__name__}")
             for g in self.generators[1:]:
                 g.down, g.up = first.down, first.up
         self._mt_call = config.num_tenants > 1
-        self._groups_kw = False
-        if self._mt_call:
-            try:
-                self._groups_kw = "groups" in inspect.signature(self.generators[0].forward).parameters
-            except (TypeError, ValueError):
-                self._groups_kw = False
         try:
             self._position_ids_kw = "position_ids" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -353,17 +343,11 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
-        import iapt_kernels
-
         args = (self.hidden_size, config.bottleneck_size, config.num_tokens, tuple(config.degrees),
                 config.activation_init, config.version, config.backend)
         if config.num_tenants == 1:
-            return iapt_kernels.PromptGenerator(*args)
-        mt = getattr(iapt_kernels, "MultiTenantPromptGenerator", None)
-        if mt is None:
-            raise NotImplementedError("num_tenants > 1 needs iapt_kernels.MultiTenantPromptGenerator, "
-                                      "which this installation does not provide")
-        return mt(config.num_tenants, *args)
+            return PromptGenerator(*args)
+        return MultiTenantPromptGenerator(config.num_tenants, *args)
 
     def __getattr__(self, name: str):
         try:
@@ -384,11 +368,10 @@ class IAPTModel(nn.Module):
 
     def set_backend(self, backend: str) -> "IAPTModel":
         """Switch every generator (and its activation) to ``backend``; returns ``self``."""
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+        check_backend(backend)
         _check_tokens_for_backend(self.iapt_config.num_tokens, backend)
         for m in self.generators.modules():
-            if hasattr(m, "backend") and isinstance(getattr(m, "backend"), str):
+            if isinstance(m, (PromptGenerator, MultiTenantPromptGenerator, Rational)):
                 m.backend = backend
         self.iapt_config.backend = backend
         return self
@@ -559,7 +542,7 @@ class IAPTModel(nn.Module):
                      f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
                      f"after the instruction, so the prompts would overwrite response tokens; {fix}")
         # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
-        groups = _build_groups(tenant_ids, T) if self._groups_kw and not torch.compiler.is_compiling() else None
+        groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
 
     def _position_ids(self, attention_mask, kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .._validate import check_backend
 from ..functional import attention_pool
 from ..reference.generator import PromptGenerator as _ReferencePromptGenerator
 from .rational import Rational
@@ -24,11 +24,7 @@ class PromptGenerator(_ReferencePromptGenerator):
 
     _activation_cls = Rational
 
-    @staticmethod
-    def _check_backend(backend: str) -> str:
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-        return backend
+    _check_backend = staticmethod(check_backend)
 
     def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,
                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

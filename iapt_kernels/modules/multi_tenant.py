@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from ..ops.multi_tenant_generator import MAX_TOKENS, MultiTenantGeneratorFunction, TenantGroups
+from .._validate import check_backend
+from ..functional import multi_tenant_generator
 from ..reference.multi_tenant import MultiTenantPromptGenerator as _ReferenceMultiTenant
+from ..tenants import TenantGroups
 from .generator import PromptGenerator
 
 __all__ = ["MultiTenantPromptGenerator", "TenantGroups"]
-
-
-def _max_seqlen(hidden_states, cu_seqlens) -> int:
-    if cu_seqlens is None:
-        return hidden_states.shape[1]
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 class MultiTenantPromptGenerator(_ReferenceMultiTenant):
@@ -33,23 +28,12 @@ class MultiTenantPromptGenerator(_ReferenceMultiTenant):
     :class:`iapt_kernels.PromptGenerator` modules and ``generator(t)`` returns one.
     """
 
-    @staticmethod
-    def _check_backend(backend: str) -> str:
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-        return backend
+    _check_backend = staticmethod(check_backend)
 
     @staticmethod
     def _single_cls():
         return PromptGenerator
 
     def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
-        which = _backend.resolve_backend(self.backend, hidden_states.device)
-        if which == "reference":
-            return super()._prompts(hidden_states, mask, cu_seqlens, groups)
-        if which == "triton" and self.num_tokens > MAX_TOKENS:
-            raise ValueError(f"the fused generator supports up to {MAX_TOKENS} soft tokens, got L={self.num_tokens}")
-        return MultiTenantGeneratorFunction.apply(
-            hidden_states, mask, cu_seqlens, groups, self.down.weight, self.down.bias, self.pool.weight,
-            self.act.numerator, self.act.denominator, self.up.weight, self.up.bias, self.version,
-            _max_seqlen(hidden_states, cu_seqlens), which)
+        return multi_tenant_generator(hidden_states, mask, groups, *self._stacked_weights(), version=self.version,
+                                      cu_seqlens=cu_seqlens, backend=self.backend)

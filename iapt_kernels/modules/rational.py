@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .._validate import check_backend
 from ..functional import rational
 from ..reference.rational import Rational as _ReferenceRational
 
@@ -36,10 +36,8 @@ class Rational(_ReferenceRational):
         groups: int = 1,
         backend: str = "auto",
     ) -> None:
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
         super().__init__(degrees, init, version, groups, backend="reference")
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rational(x, self.numerator, self.denominator, version=self.version, backend=self.backend)

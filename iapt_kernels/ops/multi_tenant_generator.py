@@ -46,14 +46,14 @@ written in their weights' dtype.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreted
+from ..tenants import TenantGroups
 from .attention_pool import MAX_TOKENS, block_sizes, nonempty, stream_bwd, stream_fwd
+from .utils import compute_dtype, rational_terms
 
 NUM_WARPS = 4
 # tl.dot wants every tile dimension >= 16: segments shorter than 16 rows (and L < 16) are padded by
@@ -66,75 +66,6 @@ WG_BLOCK = (16, 64, 64)  # rows, output rows, output columns of the weight gradi
 MM_BLOCK_FP64 = (16, 16, 16)
 WG_BLOCK_FP64 = (16, 16, 16)
 COLSUM_BLOCK = (16, 256)  # rows, output columns, when only column sums are wanted
-
-
-# --------------------------------------------------------------------------- grouping metadata
-
-
-@dataclass(frozen=True)
-class TenantGroups:
-    """Requests grouped by tenant, computed once per batch and reusable by every layer.
-
-    Build it with :meth:`TenantGroups.build`. Fields (all on the device of ``tenant_ids``):
-    ``tenant_ids (B,)`` int64 as given; ``order (B_a,)`` int32, the requests with an adapter, grouped
-    by tenant in increasing tenant order and in batch order within a tenant; ``seg_start (K+1,)``
-    int32 offsets of the ``K`` present tenants' segments in ``order``; ``seg_tenant (K,)`` int32;
-    ``wsel (B_a,)`` int32, the segment of each entry of ``order``; ``unit (K+1,)`` int32 ``0..K``;
-    ``absent (T-K,)`` int64, the tenants with no request (their gradient slices are zero-filled;
-    ``None`` when built by hand: the whole gradient is then zero-filled).
-    """
-
-    num_tenants: int
-    tenant_ids: torch.Tensor
-    order: torch.Tensor
-    seg_start: torch.Tensor
-    seg_tenant: torch.Tensor
-    wsel: torch.Tensor
-    unit: torch.Tensor
-    absent: torch.Tensor | None = None
-
-    @classmethod
-    def build(cls, tenant_ids: torch.Tensor, num_tenants: int) -> "TenantGroups":
-        """Group a batch by tenant. ``tenant_ids (B,)`` integer, each in ``[-1, num_tenants)``;
-        ``-1`` = no adapter. Raises ``TypeError`` for non-integer ids, ``ValueError`` naming an id out
-        of range. One host synchronisation (the number of present tenants)."""
-        from .._validate import check_tenant_ids
-
-        check_tenant_ids(tenant_ids, num_tenants)
-        ids = tenant_ids.long()
-        device = ids.device
-        active = ids >= 0
-        # Stable sort: within a tenant, requests keep their batch order (a fixed reduction order).
-        key = torch.where(active, ids, num_tenants)
-        order = torch.sort(key, stable=True).indices
-        counts = torch.bincount(ids[active], minlength=num_tenants)
-        present = torch.nonzero(counts).flatten()
-        sizes = counts[present]
-        order = order[: int(sizes.sum())]
-        seg_start = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-        k = present.numel()
-        wsel = torch.repeat_interleave(torch.arange(k, device=device), sizes)
-        i32 = torch.int32
-        return cls(num_tenants, ids, order.to(i32), seg_start.to(i32), present.to(i32), wsel.to(i32),
-                   torch.arange(k + 1, device=device, dtype=i32), torch.nonzero(counts == 0).flatten())
-
-    @property
-    def num_present(self) -> int:
-        """``K``: the number of tenants with at least one request in the batch."""
-        return self.seg_tenant.numel()
-
-    @property
-    def batch_size(self) -> int:
-        return self.tenant_ids.numel()
-
-    def segments(self):
-        """``(tenant, request indices)`` per present tenant, on the host (for the CPU path)."""
-        bounds = self.seg_start.tolist()
-        order = self.order.long()
-        return [(t, order[bounds[k]: bounds[k + 1]]) for k, t in enumerate(self.seg_tenant.tolist())]
-
-    def tensors(self):
-        return self.order, self.seg_start, self.seg_tenant, self.wsel, self.unit
 
 
 # --------------------------------------------------------------------------- kernels
@@ -169,42 +100,6 @@ def _mma(acc, x, w, DOT: tl.constexpr, X_WIDE: tl.constexpr, W_WIDE: tl.constexp
     else:
         acc = tl.dot(x, w, acc, input_precision="ieee")
     return acc
-
-
-@triton.jit
-def _rational_terms(x, a, b, m, n, VERSION_B: tl.constexpr):
-    """`P(x)`, `P'(x)`, `Q(x)`, `Q'(x)` of the rational activation by Horner (docs/design.md section 2),
-    with each row's coefficients at `a[:, None] + j` (m+1) and `b[:, None] + j` (n): rows of one tile
-    may belong to different tenants. Degrees are runtime values, so one compiled kernel serves every
-    degree. Also `sgn` and the power base of the denominator gradients."""
-    p = tl.zeros_like(x) + tl.load(a + m)[:, None]
-    dp = tl.zeros_like(x)
-    for i in range(m):
-        dp = dp * x + p
-        p = p * x + tl.load(a + (m - 1 - i))[:, None]
-    if VERSION_B:
-        s = tl.zeros_like(x) + tl.load(b + n - 1)[:, None]  # A / x
-        ds = tl.zeros_like(x)
-        for i in range(n - 1):
-            ds = ds * x + s
-            s = s * x + tl.load(b + (n - 2 - i))[:, None]
-        big_a = s * x
-        sgn = tl.where(big_a < 0, -1.0, 1.0).to(x.dtype)
-        q = 1.0 + big_a * sgn
-        dq = sgn * (s + x * ds)
-        base = x
-    else:
-        sgn = tl.where(x < 0, -1.0, 1.0).to(x.dtype)
-        ax = x * sgn
-        s = tl.zeros_like(x) + tl.abs(tl.load(b + n - 1))[:, None]
-        ds = tl.zeros_like(x)
-        for i in range(n - 1):
-            ds = ds * ax + s
-            s = s * ax + tl.abs(tl.load(b + (n - 2 - i)))[:, None]
-        q = 1.0 + s * ax
-        dq = sgn * (s + ax * ds)
-        base = ax
-    return p, dp, q, dq, sgn, base
 
 
 @triton.jit
@@ -305,18 +200,19 @@ def _multi_tenant_generator_splitk_kernel(
             bias = bias * tl.load(scale_ptr + q, mask=fmask, other=0.0).to(cdt)[:, None]
         acc += bias
     yoff = q[:, None] * sy_q + row[:, None] * sy_r + nn[None, :] * sy_n
-    a = num_ptr + t * (deg_m + 1)
-    b = den_ptr + t * deg_n
+    # Each row's coefficients: rows of one tile may belong to different tenants.
+    a = (num_ptr + t * (deg_m + 1))[:, None]
+    b = (den_ptr + t * deg_n)[:, None]
     if EPILOGUE == 0:
         tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == 1:
         tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        p, _, qv, _, _, _ = _rational_terms(acc, a, b, deg_m, deg_n, VERSION_B)
+        p, _, qv, _, _, _ = rational_terms(acc, a, b, deg_m, deg_n, VERSION_B, False)
         tl.store(y2_ptr + yoff, (p / qv).to(y2_ptr.dtype.element_ty), mask=mask)
     else:
         # Masked lanes have gG = 0 (the partials were loaded as 0), so they add nothing below.
         u = tl.load(aux_ptr + yoff, mask=mask, other=0.0).to(cdt)
-        p, dp, qv, dq, sgn, base = _rational_terms(u, a, b, deg_m, deg_n, VERSION_B)
+        p, dp, qv, dq, sgn, base = rational_terms(u, a, b, deg_m, deg_n, VERSION_B, False)
         rq = 1.0 / qv
         r = p * rq
         tl.store(y_ptr + yoff, (acc * rq * (dp - r * dq)).to(y_ptr.dtype.element_ty), mask=mask)
@@ -333,10 +229,10 @@ def _multi_tenant_generator_splitk_kernel(
             wb = -(wg * r)
         bp = base
         for j in range(deg_n):
-            part = tl.sum(wb * bp, axis=1)
+            part = tl.sum(wb * bp, axis=1)[:, None]
             if not VERSION_B:
                 part = part * tl.where(tl.load(b + j) < 0, -1.0, 1.0).to(cdt)
-            coef += tl.where(lanes[None, :] == deg_m + 1 + j, part[:, None], 0.0)
+            coef += tl.where(lanes[None, :] == deg_m + 1 + j, part, 0.0)
             bp = bp * base
         ncoef = deg_m + 1 + deg_n
         out = cpart_ptr + (f.to(tl.int64) * tl.num_programs(1) + pn) * ncoef
@@ -413,14 +309,10 @@ def _multi_tenant_generator_wgrad_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def compute_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
 def dot_mode(dtype: torch.dtype) -> int:
     """`DOT` of the kernels for inputs of `dtype`: 0 fp32 (IEEE), 1 fp16, 2 bf16 (tensor cores), 3 fp64;
     bf16 in the Triton interpreter: 4 (see `_mma`)."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if dtype == torch.bfloat16 and triton_interpreted():
         return 4
     return {torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}.get(dtype, 0)
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import compute_dtype, rational_pq, rational_terms
+
 FWD_BLOCK, FWD_WARPS = 1024, 4
 BWD_BLOCK, BWD_WARPS = 1024, 4
 
@@ -54,22 +56,7 @@ def _rational_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(cdt)
     a = num_ptr + g * (M + 1)
     b = den_ptr + g * N
-
-    p = tl.zeros_like(x) + tl.load(a + M)
-    for i in tl.static_range(M):
-        p = p * x + tl.load(a + (M - 1 - i))
-    if VERSION_B:
-        s = tl.zeros_like(x) + tl.load(b + N - 1)  # A(x) / x by Horner
-        for i in tl.static_range(N - 1):
-            s = s * x + tl.load(b + (N - 2 - i))
-        A = s * x
-        q = 1.0 + tl.where(A < 0, -A, A)
-    else:
-        ax = tl.where(x < 0, -x, x)
-        s = tl.zeros_like(x) + tl.abs(tl.load(b + N - 1))
-        for i in tl.static_range(N - 1):
-            s = s * ax + tl.abs(tl.load(b + (N - 2 - i)))
-        q = 1.0 + s * ax
+    p, q = rational_pq(x, a, b, M, N, VERSION_B, True)
     tl.store(y_ptr + offs, (p / q).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -90,34 +77,7 @@ def _rational_bwd_kernel(
     a = num_ptr + g * (M + 1)
     b = den_ptr + g * N
 
-    # P and P' together by Horner.
-    p = tl.zeros_like(x) + tl.load(a + M)
-    dp = tl.zeros_like(x)
-    for i in tl.static_range(M):
-        dp = dp * x + p
-        p = p * x + tl.load(a + (M - 1 - i))
-    if VERSION_B:
-        s = tl.zeros_like(x) + tl.load(b + N - 1)  # S = A / x,  A' = S + x S'
-        ds = tl.zeros_like(x)
-        for i in tl.static_range(N - 1):
-            ds = ds * x + s
-            s = s * x + tl.load(b + (N - 2 - i))
-        A = s * x
-        sgn = tl.where(A < 0, -1.0, 1.0).to(cdt)
-        q = 1.0 + A * sgn
-        dq = sgn * (s + x * ds)
-        base = x  # db_k uses sgn(A) x^k
-    else:
-        sgn = tl.where(x < 0, -1.0, 1.0).to(cdt)
-        ax = x * sgn
-        s = tl.zeros_like(x) + tl.abs(tl.load(b + N - 1))
-        ds = tl.zeros_like(x)
-        for i in tl.static_range(N - 1):
-            ds = ds * ax + s
-            s = s * ax + tl.abs(tl.load(b + (N - 2 - i)))
-        q = 1.0 + s * ax
-        dq = sgn * (s + ax * ds)
-        base = ax  # db_k uses sgn(b_k) |x|^k
+    p, dp, q, dq, sgn, base = rational_terms(x, a, b, M, N, VERSION_B, True)
 
     rq = 1.0 / q
     r = p * rq
@@ -198,11 +158,6 @@ def rational_bwd(
 
 
 # --------------------------------------------------------------------------- autograd
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Kernels compute in float64 for float64 inputs, float32 otherwise (docs/design.md section 5)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class RationalFunction(torch.autograd.Function):

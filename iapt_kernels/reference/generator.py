@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import REFERENCE_BACKENDS, check_backend
 from .attention_pool import attention_pool
 from .rational import Rational
 
@@ -64,8 +65,7 @@ class PromptGenerator(nn.Module):
 
     @staticmethod
     def _check_backend(backend: str) -> str:
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"reference.PromptGenerator runs only the reference backend, got backend={backend!r}")
+        check_backend(backend, REFERENCE_BACKENDS, "reference.PromptGenerator")
         return "reference"
 
     def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,

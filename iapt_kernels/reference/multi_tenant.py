@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_attention_pool_inputs, check_slot_index, check_tenant_ids
-from ..ops.multi_tenant_generator import TenantGroups
+from .._validate import REFERENCE_BACKENDS, check_backend, check_multi_tenant_inputs, check_slot_index
+from ..tenants import TenantGroups
 from .attention_pool import attention_pool
 from .generator import PromptGenerator
 from .rational import rational
 
-__all__ = ["MultiTenantPromptGenerator", "select_requests", "request_rows"]
+__all__ = ["MultiTenantPromptGenerator", "multi_tenant_generator", "select_requests", "request_rows"]
 
 
 def request_rows(mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, index: torch.Tensor):
@@ -39,6 +39,35 @@ def select_requests(hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_s
     """The sub-batch of requests `index`: `(hidden_states, mask, cu_seqlens)` in the caller's layout."""
     rows, sub_mask, sub_cu = request_rows(mask, cu_seqlens, index)
     return hidden_states.index_select(0, rows), sub_mask, sub_cu
+
+
+def multi_tenant_generator(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    groups: TenantGroups,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    pool_weight: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    *,
+    version: str = "B",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``P (B, L, d)`` of stacked generators (as :func:`iapt_kernels.functional.multi_tenant_generator`):
+    each present tenant's sub-batch through the single-tenant reference; rows of tenant -1 are 0."""
+    _, d, _, L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, groups.num_tenants, groups.batch_size,
+                                           down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
+                                           up_bias, version)
+    out = hidden_states.new_zeros((groups.batch_size, L, d))
+    for t, index in groups.segments():
+        h, m, cu = select_requests(hidden_states, mask, cu_seqlens, index)
+        u = attention_pool(h, m, down_weight[t], down_bias[t], pool_weight[t], cu_seqlens=cu)
+        g = rational(u, numerator[t], denominator[t], version=version)
+        out = out.index_copy(0, index, F.linear(g, up_weight[t], up_bias[t]))
+    return out
 
 
 class _Stacked(nn.Module):
@@ -103,9 +132,7 @@ class MultiTenantPromptGenerator(nn.Module):
 
     @staticmethod
     def _check_backend(backend: str) -> str:
-        if backend not in ("auto", "reference"):
-            raise ValueError(
-                f"reference.MultiTenantPromptGenerator runs only the reference backend, got backend={backend!r}")
+        check_backend(backend, REFERENCE_BACKENDS, "reference.MultiTenantPromptGenerator")
         return "reference"
 
     # ----------------------------------------------------------------- conversions
@@ -181,43 +208,38 @@ class MultiTenantPromptGenerator(nn.Module):
         Returns:
             ``P (B, L, d)`` (rows of tenant ``-1`` are 0), or ``hidden_states`` when ``slot_index`` is given.
         """
-        B, _, _, _ = check_attention_pool_inputs(hidden_states, mask, self.down.weight[0], self.down.bias[0],
-                                                 self.pool.weight[0], cu_seqlens)
         if groups is None:
             if tenant_ids is None:
                 raise ValueError("pass tenant_ids (B,) or a prebuilt groups=TenantGroups.build(tenant_ids, T)")
-            check_tenant_ids(tenant_ids, self.num_tenants, B)
-            groups = TenantGroups.build(tenant_ids, self.num_tenants)
+            groups = TenantGroups.build(tenant_ids, self.num_tenants)  # the one check of the ids
         else:
-            if groups.num_tenants != self.num_tenants or groups.batch_size != B:
-                raise ValueError(
-                    f"groups were built for {groups.batch_size} requests of {groups.num_tenants} tenants, "
-                    f"but this call has {B} requests and the generator {self.num_tenants} tenants")
+            if groups.num_tenants != self.num_tenants:
+                raise ValueError(f"groups were built for {groups.num_tenants} tenants, the generator has "
+                                 f"{self.num_tenants}")
             if tenant_ids is not None and not torch.equal(tenant_ids.long(), groups.tenant_ids):
                 raise ValueError("tenant_ids disagree with the tenant_ids the groups were built from")
-        if slot_index is not None:
-            if cu_seqlens is not None:
-                raise ValueError("slot_index writes into padded (B, S, d) hidden_states; the packed layout "
-                                 "has no slot positions")
-            check_slot_index(slot_index, mask, B, hidden_states.shape[1], self.num_tokens, hidden_states.device)
+        if slot_index is not None and cu_seqlens is not None:
+            raise ValueError("slot_index writes into padded (B, S, d) hidden_states; the packed layout "
+                             "has no slot positions")
+        # Validates the inputs against the weights and the groups (batch size) before any kernel runs.
         prompts = self._prompts(hidden_states, mask, cu_seqlens, groups)
         if slot_index is None:
             return prompts
+        check_slot_index(slot_index, mask, groups.batch_size, hidden_states.shape[1], self.num_tokens,
+                         hidden_states.device)
         active = groups.order.long()
         with torch.no_grad() if not hidden_states.requires_grad else torch.enable_grad():
             hidden_states.index_put_((active[:, None], slot_index[active]), prompts[active].to(hidden_states.dtype))
         return hidden_states
 
+    def _stacked_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.down.weight, self.down.bias, self.pool.weight, self.act.numerator, self.act.denominator,
+                self.up.weight, self.up.bias)
+
     def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
         """``P (B, L, d)``: each present tenant's sub-batch through the single-tenant reference."""
-        B = groups.batch_size
-        out = hidden_states.new_zeros((B, self.num_tokens, self.hidden_size))
-        for t, index in groups.segments():
-            h, m, cu = select_requests(hidden_states, mask, cu_seqlens, index)
-            u = attention_pool(h, m, self.down.weight[t], self.down.bias[t], self.pool.weight[t], cu_seqlens=cu)
-            g = rational(u, self.act.numerator[t], self.act.denominator[t], version=self.version)
-            out = out.index_copy(0, index, F.linear(g, self.up.weight[t], self.up.bias[t]))
-        return out
+        return multi_tenant_generator(hidden_states, mask, groups, *self._stacked_weights(), version=self.version,
+                                      cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return (f"num_tenants={self.num_tenants}, hidden_size={self.hidden_size}, "

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import check_rational_inputs, normalize_coefficients
+from .._validate import REFERENCE_BACKENDS, check_backend, check_rational_inputs, normalize_coefficients
+from ..fits import rational_init
 
 __all__ = ["rational", "Rational"]
 
@@ -90,10 +91,7 @@ class Rational(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        from ..fits import rational_init  # local: fits imports nothing heavy, but keep the graph flat
-
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"reference.Rational runs only the reference backend, got backend={backend!r}")
+        check_backend(backend, REFERENCE_BACKENDS, "reference.Rational")
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
         num, den = rational_init(init, degrees, version)
