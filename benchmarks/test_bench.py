@@ -4,20 +4,19 @@
 
 Each case is timed for the copy baseline and every implementation: the eager reference,
 `torch.compile(reference)` and the fused backend of this device (C++ on CPU, Triton on CUDA). The ops:
-rational, attention_pool, generator, and multi_tenant_generator when
-`iapt_kernels.MultiTenantPromptGenerator` is importable; the end-to-end serving comparison and the GPU
+rational, attention_pool, generator and multi_tenant_generator; the end-to-end serving comparison and the GPU
 cost model are `iapt-bench` only.
 """
 
 import pytest
 import torch
 
-from iapt_kernels.bench import _configure_malloc, configure_compile, default_cases
+from iapt_kernels.bench import configure_compile, configure_malloc, default_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 configure_compile()
 if DEVICE == "cpu":
-    _configure_malloc("reuse")  # as `iapt-bench` does by default
+    configure_malloc("reuse")  # as `iapt-bench` does by default
 CASES = default_cases(DEVICE)
 PARAMS = [pytest.param(case, impl, id=f"{case.label}-{impl}") for case in CASES for impl in ["copy", *case.impls]]
 

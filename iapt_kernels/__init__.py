@@ -22,7 +22,7 @@ from importlib import import_module
 from . import reference
 from ._backend import HAS_TRITON as _HAS_TRITON
 from ._backend import available_backends
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported
 from .fits import rational_init
 from .tenants import TenantGroups
 

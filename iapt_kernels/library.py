@@ -145,9 +145,11 @@ _register(
     cpp=lambda *args: tuple(_cpp("attention_pool_fwd")(*args)),
     fake=_attention_pool_fwd_fake,
 )
+# The Triton launcher computes gWp transposed; the op returns every gradient contiguous, as the fake says
+# (a copy of L x r elements).
 _register(
     attention_pool_bwd,
-    triton=_attention_pool.attention_pool_bwd,
+    triton=lambda *args: tuple(t.contiguous() for t in _attention_pool.attention_pool_bwd(*args)),
     cpp=lambda *args: tuple(_cpp("attention_pool_bwd")(*args)),
     fake=_attention_pool_bwd_fake,
 )

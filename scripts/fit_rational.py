@@ -685,7 +685,7 @@ def compare_published(fits):
             worse.append(key)
         print(f"  {str(key):34s} {perr:11.3e} {ours:11.3e} {ours / perr:9.2e}  {src}{flag}")
     print("  not compared:")
-    for what, src, why in PUBLISHED_NOT_COMPARED:
+    for what, _src, why in PUBLISHED_NOT_COMPARED:
         print(f"    {what}: {why}")
     return worse
 
@@ -735,7 +735,7 @@ def main(argv=None):
         for t in tasks:
             results.append(_task(t))
             report(results[-1])
-    for name, res, secs in results:
+    for name, res, _secs in results:
         for (version, m, n), (num, den, err, how, s) in res.items():
             fits[(name, version, m, n)] = (num, den, err)
             info[(name, version, m, n)] = (how, s)
@@ -759,7 +759,7 @@ def main(argv=None):
                 print(f"  {nm:10s} {v}: worst {fits[kw][2]:.3e} at {kw[2:]},  (8,8) {e88:.3e}")
     worst = sorted(fits.items(), key=lambda kv: -kv[1][2])[:10]
     print("\nworst fits overall:")
-    for key, (num, den, err) in worst:
+    for key, (_num, _den, err) in worst:
         print(f"  {str(key):34s} {err:.4e}  (from: {info[key][0]})")
     if args.degrees:
         for key in sorted(fits):

@@ -17,9 +17,9 @@ import functools
 
 import pytest
 import torch
+from helpers import rel_err
 
 import iapt_kernels as ik
-from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
     return out
 
 
-@functools.lru_cache(maxsize=None)  # the fp32 reference run serves two tests
+@functools.cache  # the fp32 reference run serves two tests
 def train(backend: str, where: str = "cpu", *, steps: int = STEPS, checkpointing: bool = False,
           num_tenants: int = 1, dtype: torch.dtype = torch.float32) -> tuple[list[float], dict]:
     """Per-step losses and the final generator state_dict of one training run."""

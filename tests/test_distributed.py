@@ -31,8 +31,9 @@ def _worker(rank: int, init_file: str, out_dir: str, mode: str) -> None:
 
 
 def _train_and_save(rank: int, out_dir: str, mode: str) -> None:
+    from test_integration import INSTR, RESP, L, tiny_model, wrap
+
     import iapt_kernels as ik
-    from test_integration import INSTR, L, RESP, tiny_model, wrap
 
     w = wrap(tiny_model("llama"))  # same seeds: identical start on every rank
     w.train()
@@ -74,9 +75,9 @@ def test_two_process_training_saves_a_reloadable_adapter(tmp_path, mode):
     if mode == "fsdp":
         pytest.importorskip("torch.distributed.fsdp").fully_shard  # noqa: B018
     import torch.multiprocessing as mp
+    from test_integration import INSTR, RESP, L, tiny_model
 
     import iapt_kernels as ik
-    from test_integration import INSTR, L, RESP, tiny_model
 
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

@@ -72,7 +72,7 @@ def test_stored_errors_hold():
     for key in FITS:
         groups[key[1:]].append(key)
     worst = 0.0
-    for (version, m, n), keys in groups.items():
+    for (version, _m, _n), keys in groups.items():
         num = np.array([FITS[k][0] for k in keys])
         den = np.array([FITS[k][1] for k in keys])
         r = _rational(num, den, version, X)
@@ -88,7 +88,7 @@ def test_stored_errors_hold():
 def test_sane_outside_the_fit_interval():
     """No blow-ups slightly outside [-3, 3]: |R - f| stays moderate on [-5, 5]."""
     x = np.linspace(-5.0, 5.0, 2001)
-    for (name, version, m, n), (num, den, err) in FITS.items():
+    for (name, version, m, n), (num, den, _err) in FITS.items():
         r = _rational(np.array([num]), np.array([den]), version, x)[0]
         assert np.all(np.isfinite(r))
         assert np.max(np.abs(r - _target(name, x))) < 1e3, (name, version, m, n)

@@ -9,10 +9,10 @@ import stat
 
 import pytest
 import torch
+from helpers import rel_err
+from test_integration import HAS_MT, INSTR, RESP, L, batch, tiny_model, wrap
 
 import iapt_kernels as ik
-from helpers import rel_err
-from test_integration import HAS_MT, INSTR, L, RESP, batch, tiny_model, wrap
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

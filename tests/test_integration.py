@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 
 import iapt_kernels as ik
-from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

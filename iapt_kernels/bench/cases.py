@@ -8,8 +8,8 @@ extension is built), `triton` on CUDA. Triton in the CPU interpreter is not time
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -124,7 +124,8 @@ def rational_cases(device: str, sizes=RATIONAL_SIZES, dtypes=(torch.float32,), b
     return cases
 
 
-def _mask(B: int, S: int, device: str) -> torch.Tensor:
+def random_mask(B: int, S: int, device: str) -> torch.Tensor:
+    """A `(B, S)` instruction mask, True at about MASK_FRACTION of the positions."""
     return (torch.rand(B, S) < MASK_FRACTION).to(device)
 
 
@@ -139,7 +140,7 @@ def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,
             for mode in MODES:
                 torch.manual_seed(0)
                 h = torch.randn(B, S, d).to(device=device, dtype=dtype)
-                mask = _mask(B, S, device)
+                mask = random_mask(B, S, device)
                 out = torch.empty_like(h)
                 if mode == "fwd+bwd":
                     h.requires_grad_()
@@ -188,7 +189,7 @@ def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.fl
             for mode in MODES:
                 torch.manual_seed(0)
                 h = torch.randn(B, S, d).to(device=device, dtype=dtype)
-                mask = _mask(B, S, device)
+                mask = random_mask(B, S, device)
                 tenant_ids = tenant_mix(mix, B, T).to(device)
                 out = torch.empty_like(h)
                 if mode == "fwd+bwd":

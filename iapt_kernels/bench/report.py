@@ -384,7 +384,7 @@ def write_outputs(out_dir: str, result: dict) -> list[str]:
 
 def render_markdown(result: dict, e2e: dict | None) -> str:
     ops, model = result["ops"], result["model"]
-    L = [f"# iapt-bench report\n",
+    L = ["# iapt-bench report\n",
          f"Command: `{result['command']}`  ",
          f"Machine: {result['machine']}  ",
          f"Date: {result['date']}  ",

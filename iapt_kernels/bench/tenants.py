@@ -20,7 +20,7 @@ import torch
 import iapt_kernels
 from iapt_kernels import reference
 
-from .cases import MODES, _mask, _runner, kernel_backends, tenant_mix
+from .cases import MODES, _runner, kernel_backends, random_mask, tenant_mix
 from .timing import time_cpu, time_cuda
 
 TENANTS = (1, 4, 16, 64)
@@ -60,7 +60,7 @@ def tenant_sweep(device: str, tenants=TENANTS, shape=None, dtype=torch.float32, 
         for mode in modes:
             torch.manual_seed(0)
             h = torch.randn(B, S, d, device=device, dtype=dtype)
-            mask = _mask(B, S, device)
+            mask = random_mask(B, S, device)
             ids = tenant_mix("round_robin", B, T).to(device)
             grad = torch.randn(B, L, d, device=device, dtype=dtype)
             if mode == "fwd+bwd":

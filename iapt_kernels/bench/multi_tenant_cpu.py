@@ -1,6 +1,6 @@
 """CPU acceptance timing of the one-pass C++ multi-tenant generator (issue 12).
 
-    PYTHONPATH=. python benchmarks/multi_tenant_cpu.py [--rounds 15] [--T 32 --B 32 --S 256 --d 1024 --r 64 --L 4]
+    python -m iapt_kernels.bench.multi_tenant_cpu [--rounds 15] [--T 32 --B 32 --S 256 --d 1024 --r 64 --L 4]
 
 Times, interleaved round by round (so a busy neighbour slows every implementation alike) and reported as
 the median over rounds:
@@ -21,11 +21,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import iapt_kernels
+from iapt_kernels import reference
 
-import iapt_kernels  # noqa: E402
-from iapt_kernels import reference  # noqa: E402
-from iapt_kernels.bench.cases import _mask  # noqa: E402
+from .cases import random_mask
 
 
 def main(argv=None) -> int:
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     h = torch.randn(a.B, a.S, a.d)
-    mask = _mask(a.B, a.S, "cpu")
+    mask = random_mask(a.B, a.S, "cpu")
     grad = torch.randn(a.B, a.L, a.d)
     ref = reference.MultiTenantPromptGenerator(a.T, a.d, a.r, a.L)
     mt = iapt_kernels.MultiTenantPromptGenerator(a.T, a.d, a.r, a.L, backend="cpp")
