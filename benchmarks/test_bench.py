@@ -18,7 +18,9 @@ configure_compile()
 if DEVICE == "cpu":
     configure_malloc("reuse")  # as `iapt-bench` does by default
 CASES = default_cases(DEVICE)
-PARAMS = [pytest.param(case, impl, id=f"{case.label}-{impl}") for case in CASES for impl in ["copy", *case.impls]]
+PARAMS = [
+    pytest.param(case, impl, id=f"{case.label}-{impl}") for case in CASES for impl in ["copy", *case.impls]
+]
 
 
 @pytest.mark.parametrize("case, impl", PARAMS)
@@ -34,4 +36,5 @@ def _synchronized(fn):
     def run():
         fn()
         torch.cuda.synchronize()
+
     return run

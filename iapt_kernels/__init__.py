@@ -28,18 +28,38 @@ from .tenants import TenantGroups
 
 # Where each name of the kernel layer lives.
 _KERNEL_LAYER = {
-    "rational": "functional", "attention_pool": "functional",
-    "Rational": "modules", "PromptGenerator": "modules", "MultiTenantPromptGenerator": "modules",
-    "IAPTConfig": "integrations", "IAPTModel": "integrations", "apply_iapt": "integrations",
-    "insert_prompt_slots": "integrations", "save_iapt": "integrations", "load_iapt": "integrations",
+    "rational": "functional",
+    "attention_pool": "functional",
+    "Rational": "modules",
+    "PromptGenerator": "modules",
+    "MultiTenantPromptGenerator": "modules",
+    "IAPTConfig": "integrations",
+    "IAPTModel": "integrations",
+    "apply_iapt": "integrations",
+    "insert_prompt_slots": "integrations",
+    "save_iapt": "integrations",
+    "load_iapt": "integrations",
     "IAPTDataCollator": "integrations",
 }
 
 __all__ = [
-    "rational", "Rational", "rational_init", "attention_pool", "PromptGenerator", "available_backends",
-    "reference", "MultiTenantPromptGenerator", "TenantGroups",
+    "rational",
+    "Rational",
+    "rational_init",
+    "attention_pool",
+    "PromptGenerator",
+    "available_backends",
+    "reference",
+    "MultiTenantPromptGenerator",
+    "TenantGroups",
     # Hugging Face integration (docs/design.md section 9): transformers is imported lazily.
-    "IAPTConfig", "IAPTModel", "apply_iapt", "insert_prompt_slots", "save_iapt", "load_iapt", "IAPTDataCollator",
+    "IAPTConfig",
+    "IAPTModel",
+    "apply_iapt",
+    "insert_prompt_slots",
+    "save_iapt",
+    "load_iapt",
+    "IAPTDataCollator",
 ]
 
 

@@ -130,14 +130,17 @@ def check_attention_pool_inputs(
     if r == 0 or d == 0:
         raise ValueError(f"down_weight must be (r, d) with r, d >= 1, got shape {tuple(down_weight.shape)}")
     if down_bias.shape != (r,):
-        raise ValueError(f"down_bias must be (r,) = ({r},) to match down_weight, got {tuple(down_bias.shape)}")
+        raise ValueError(
+            f"down_bias must be (r,) = ({r},) to match down_weight, got {tuple(down_bias.shape)}"
+        )
     if pool_weight.dim() != 2 or pool_weight.shape[1] != r:
         raise ValueError(f"pool_weight must be (L, r) with r={r}, got shape {tuple(pool_weight.shape)}")
     L = pool_weight.shape[0]
     if L == 0:
         raise ValueError("pool_weight has L=0 rows: at least one soft token is needed")
-    tensors = dict(hidden_states=hidden_states, down_weight=down_weight, down_bias=down_bias,
-                   pool_weight=pool_weight)
+    tensors = dict(
+        hidden_states=hidden_states, down_weight=down_weight, down_bias=down_bias, pool_weight=pool_weight
+    )
     if cu_seqlens is None:
         if hidden_states.dim() != 3:
             raise ValueError(
@@ -150,13 +153,17 @@ def check_attention_pool_inputs(
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = instruction token), got {mask.dtype}")
         if mask.shape != (B, S):
-            raise ValueError(f"mask must be (B, S) = ({B}, {S}) to match hidden_states, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be (B, S) = ({B}, {S}) to match hidden_states, got {tuple(mask.shape)}"
+            )
         tensors["mask"] = mask
     else:
         if mask is not None:
             raise ValueError("pass either mask (padded layout) or cu_seqlens (packed layout), not both")
         if hidden_states.dim() != 2:
-            raise ValueError(f"with cu_seqlens, hidden_states must be packed (N, d), got {tuple(hidden_states.shape)}")
+            raise ValueError(
+                f"with cu_seqlens, hidden_states must be packed (N, d), got {tuple(hidden_states.shape)}"
+            )
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
             got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise TypeError(f"cu_seqlens must be an int32 tensor, got {got}")
@@ -202,13 +209,17 @@ INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64
 def check_tenant_ids(tenant_ids: object, num_tenants: int, batch_size: int | None = None) -> None:
     """`tenant_ids (B,)` integer, each in `[-1, num_tenants)` (`-1` = no adapter)."""
     if not isinstance(tenant_ids, torch.Tensor):
-        raise TypeError(f"tenant_ids must be an integer torch.Tensor of shape (B,), got {type(tenant_ids).__name__}")
+        raise TypeError(
+            f"tenant_ids must be an integer torch.Tensor of shape (B,), got {type(tenant_ids).__name__}"
+        )
     if tenant_ids.dtype not in INTEGER_DTYPES:
         raise TypeError(f"tenant_ids must be an integer tensor (e.g. torch.long), got {tenant_ids.dtype}")
     if tenant_ids.dim() != 1:
         raise ValueError(f"tenant_ids must be (B,), got shape {tuple(tenant_ids.shape)}")
     if batch_size is not None and tenant_ids.numel() != batch_size:
-        raise ValueError(f"tenant_ids has {tenant_ids.numel()} entries but the batch has {batch_size} requests")
+        raise ValueError(
+            f"tenant_ids has {tenant_ids.numel()} entries but the batch has {batch_size} requests"
+        )
     if tenant_ids.numel():
         ids = tenant_ids.long()
         bad = (ids < -1) | (ids >= num_tenants)
@@ -221,14 +232,22 @@ def check_tenant_ids(tenant_ids: object, num_tenants: int, batch_size: int | Non
             )
 
 
-def check_slot_index(slot_index: object, mask: torch.Tensor | None, batch_size: int, seq_len: int,
-                     num_tokens: int, device: torch.device) -> None:
+def check_slot_index(
+    slot_index: object,
+    mask: torch.Tensor | None,
+    batch_size: int,
+    seq_len: int,
+    num_tokens: int,
+    device: torch.device,
+) -> None:
     """`slot_index (B, L)` long positions in `[0, S)` that are not instruction tokens."""
     if not isinstance(slot_index, torch.Tensor) or slot_index.dtype != torch.long:
         got = slot_index.dtype if isinstance(slot_index, torch.Tensor) else type(slot_index).__name__
         raise TypeError(f"slot_index must be a torch.long tensor of shape (B, L), got {got}")
     if slot_index.shape != (batch_size, num_tokens):
-        raise ValueError(f"slot_index must be (B, L) = ({batch_size}, {num_tokens}), got {tuple(slot_index.shape)}")
+        raise ValueError(
+            f"slot_index must be (B, L) = ({batch_size}, {num_tokens}), got {tuple(slot_index.shape)}"
+        )
     if slot_index.device != device:
         raise ValueError(f"slot_index is on {slot_index.device} but hidden_states on {device}")
     if slot_index.numel() == 0:
@@ -236,9 +255,7 @@ def check_slot_index(slot_index: object, mask: torch.Tensor | None, batch_size: 
     bad = (slot_index < 0) | (slot_index >= seq_len)
     if bool(bad.any()):
         b, l = torch.nonzero(bad)[0].tolist()
-        raise ValueError(
-            f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is outside [0, S) = [0, {seq_len})"
-        )
+        raise ValueError(f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is outside [0, S) = [0, {seq_len})")
     if mask is not None:
         on_instruction = torch.gather(mask, 1, slot_index)
         if bool(on_instruction.any()):
@@ -249,32 +266,62 @@ def check_slot_index(slot_index: object, mask: torch.Tensor | None, batch_size: 
             )
 
 
-def check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, num_tenants: int, batch_size: int,
-                              down_weight, down_bias, pool_weight, numerator, denominator, up_weight, up_bias,
-                              version: str) -> tuple[int, int, int, int]:
+def check_multi_tenant_inputs(
+    hidden_states,
+    mask,
+    cu_seqlens,
+    num_tenants: int,
+    batch_size: int,
+    down_weight,
+    down_bias,
+    pool_weight,
+    numerator,
+    denominator,
+    up_weight,
+    up_bias,
+    version: str,
+) -> tuple[int, int, int, int]:
     """Validate a multi-tenant generator call (stacked weights, one slice per tenant) whose requests
     were grouped into a `TenantGroups` of `num_tenants` tenants and `batch_size` requests; return
     `(T, d, r, L)`."""
-    stacked = dict(down_weight=(down_weight, 3), down_bias=(down_bias, 2), pool_weight=(pool_weight, 3),
-                   numerator=(numerator, 2), denominator=(denominator, 2), up_weight=(up_weight, 3),
-                   up_bias=(up_bias, 2))
+    stacked = dict(
+        down_weight=(down_weight, 3),
+        down_bias=(down_bias, 2),
+        pool_weight=(pool_weight, 3),
+        numerator=(numerator, 2),
+        denominator=(denominator, 2),
+        up_weight=(up_weight, 3),
+        up_bias=(up_bias, 2),
+    )
     for name, (t, dim) in stacked.items():
         check_float_tensor(name, t)
         if t.dim() != dim or t.shape[0] != num_tenants:
-            raise ValueError(f"{name} must be stacked ({num_tenants}, ...) with {dim} dimensions for "
-                             f"num_tenants={num_tenants}, got shape {tuple(t.shape)}")
-    B, d, r, L = check_attention_pool_inputs(hidden_states, mask, down_weight[0], down_bias[0], pool_weight[0],
-                                             cu_seqlens)
+            raise ValueError(
+                f"{name} must be stacked ({num_tenants}, ...) with {dim} dimensions for "
+                f"num_tenants={num_tenants}, got shape {tuple(t.shape)}"
+            )
+    B, d, r, L = check_attention_pool_inputs(
+        hidden_states, mask, down_weight[0], down_bias[0], pool_weight[0], cu_seqlens
+    )
     if B != batch_size:
-        raise ValueError(f"tenant_ids (the groups were built from them) has {batch_size} entries but the batch "
-                         f"has {B} requests")
+        raise ValueError(
+            f"tenant_ids (the groups were built from them) has {batch_size} entries but the batch "
+            f"has {B} requests"
+        )
     check_version(version)
     m, n = numerator.shape[1] - 1, denominator.shape[1]
     if not (1 <= m <= MAX_DEGREE and 1 <= n <= MAX_DEGREE):
         raise ValueError(f"rational degrees (m, n) = ({m}, {n}) must each be in 1..{MAX_DEGREE}")
     if up_weight.shape[1:] != (d, r) or up_bias.shape[1:] != (d,):
-        raise ValueError(f"up_weight must be (T, d, r) = (T, {d}, {r}) and up_bias (T, d), got "
-                         f"{tuple(up_weight.shape)} and {tuple(up_bias.shape)}")
-    check_same_device(hidden_states=hidden_states, numerator=numerator, denominator=denominator,
-                      up_weight=up_weight, up_bias=up_bias)
+        raise ValueError(
+            f"up_weight must be (T, d, r) = (T, {d}, {r}) and up_bias (T, d), got "
+            f"{tuple(up_weight.shape)} and {tuple(up_bias.shape)}"
+        )
+    check_same_device(
+        hidden_states=hidden_states,
+        numerator=numerator,
+        denominator=denominator,
+        up_weight=up_weight,
+        up_bias=up_bias,
+    )
     return num_tenants, d, r, L

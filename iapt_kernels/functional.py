@@ -87,15 +87,26 @@ def attention_pool(
         ``U (B, L, r)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and the
         three weights. A sequence with no instruction token gives ``U = 0``.
     """
-    B, d, r, L = check_attention_pool_inputs(hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens)
+    B, d, r, L = check_attention_pool_inputs(
+        hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens
+    )
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
         return _reference.attention_pool(
-            hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens=cu_seqlens)
+            hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens=cu_seqlens
+        )
     if L > MAX_TOKENS:
         raise ValueError(f"the fused attention_pool supports up to {MAX_TOKENS} soft tokens, got L={L}")
-    u, *_ = AttentionPoolFunction.apply(hidden_states, mask, cu_seqlens, down_weight, down_bias, pool_weight,
-                                        _max_seqlen(hidden_states, cu_seqlens), which)
+    u, *_ = AttentionPoolFunction.apply(
+        hidden_states,
+        mask,
+        cu_seqlens,
+        down_weight,
+        down_bias,
+        pool_weight,
+        _max_seqlen(hidden_states, cu_seqlens),
+        which,
+    )
     return u
 
 
@@ -135,16 +146,52 @@ def multi_tenant_generator(
         ``P (B, L, d)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and every
         stacked weight (tenants absent from the batch get gradient 0).
     """
-    _, _, _, L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, groups.num_tenants, groups.batch_size,
-                                           down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
-                                           up_bias, version)
+    _, _, _, L = check_multi_tenant_inputs(
+        hidden_states,
+        mask,
+        cu_seqlens,
+        groups.num_tenants,
+        groups.batch_size,
+        down_weight,
+        down_bias,
+        pool_weight,
+        numerator,
+        denominator,
+        up_weight,
+        up_bias,
+        version,
+    )
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
         return _reference.multi_tenant_generator(
-            hidden_states, mask, groups, down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
-            up_bias, version=version, cu_seqlens=cu_seqlens)
+            hidden_states,
+            mask,
+            groups,
+            down_weight,
+            down_bias,
+            pool_weight,
+            numerator,
+            denominator,
+            up_weight,
+            up_bias,
+            version=version,
+            cu_seqlens=cu_seqlens,
+        )
     if which == "triton" and L > MAX_TOKENS:
         raise ValueError(f"the fused generator supports up to {MAX_TOKENS} soft tokens, got L={L}")
     return MultiTenantGeneratorFunction.apply(
-        hidden_states, mask, cu_seqlens, groups, down_weight, down_bias, pool_weight, numerator, denominator,
-        up_weight, up_bias, version, _max_seqlen(hidden_states, cu_seqlens), which)
+        hidden_states,
+        mask,
+        cu_seqlens,
+        groups,
+        down_weight,
+        down_bias,
+        pool_weight,
+        numerator,
+        denominator,
+        up_weight,
+        up_bias,
+        version,
+        _max_seqlen(hidden_states, cu_seqlens),
+        which,
+    )

@@ -81,9 +81,12 @@ _register(
 )
 _register(
     rational_bwd,
-    triton=lambda g, x, num, den, version: _rational.rational_bwd(g.contiguous(), x.contiguous(), num, den, version),
-    cpp=lambda g, x, num, den, version: tuple(_cpp("rational_bwd")(g.contiguous(), x.contiguous(), num, den,
-                                                                    version == "B")),
+    triton=lambda g, x, num, den, version: _rational.rational_bwd(
+        g.contiguous(), x.contiguous(), num, den, version
+    ),
+    cpp=lambda g, x, num, den, version: tuple(
+        _cpp("rational_bwd")(g.contiguous(), x.contiguous(), num, den, version == "B")
+    ),
     fake=lambda g, x, num, den, version: (x.new_empty(x.shape), torch.empty_like(num), torch.empty_like(den)),
 )
 
@@ -135,8 +138,12 @@ def _attention_pool_fwd_fake(h, mask, cu_seqlens, down_weight, down_bias, pool_w
 
 
 def _attention_pool_bwd_fake(grad, h, mask, cu_seqlens, down_weight, pool_weight, *saved_and_max_seqlen):
-    return (h.new_empty(h.shape), torch.empty_like(down_weight), down_weight.new_empty(down_weight.shape[0]),
-            torch.empty_like(pool_weight))
+    return (
+        h.new_empty(h.shape),
+        torch.empty_like(down_weight),
+        down_weight.new_empty(down_weight.shape[0]),
+        torch.empty_like(pool_weight),
+    )
 
 
 _register(
@@ -181,7 +188,9 @@ def multi_tenant_generator_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-tenant generator forward: `(P, A, Z, U, G, n, Wdp)`; see `iapt_kernels.ops.multi_tenant_generator`."""
-    raise NotImplementedError(f"iapt::multi_tenant_generator_fwd has no kernel for device {hidden_states.device}")
+    raise NotImplementedError(
+        f"iapt::multi_tenant_generator_fwd has no kernel for device {hidden_states.device}"
+    )
 
 
 @torch.library.custom_op("iapt::multi_tenant_generator_bwd", mutates_args=())
@@ -210,34 +219,135 @@ def multi_tenant_generator_bwd(
     max_seqlen: int,
     backend: str,
     absent: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`, the weight gradients
     in their weights' dtypes (`gnum`, `gden` in the compute dtype); `absent` (TenantGroups.absent), the
     tenants whose gradient slices are only zero-filled."""
-    raise NotImplementedError(f"iapt::multi_tenant_generator_bwd has no kernel for device {hidden_states.device}")
+    raise NotImplementedError(
+        f"iapt::multi_tenant_generator_bwd has no kernel for device {hidden_states.device}"
+    )
 
 
-def _multi_tenant_fwd_cpp(h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
-                          pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen):
+def _multi_tenant_fwd_cpp(
+    h,
+    mask,
+    cu_seqlens,
+    order,
+    seg_start,
+    seg_tenant,
+    wsel,
+    unit,
+    down_weight,
+    down_bias,
+    pool_weight,
+    numerator,
+    denominator,
+    up_weight,
+    up_bias,
+    version,
+    max_seqlen,
+):
     # The C++ pass walks `order` by segment itself: `wsel` and `unit` are the Triton launch lists.
-    return tuple(_cpp("multi_tenant_generator_fwd")(
-        h, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, down_bias, pool_weight, numerator,
-        denominator, up_weight, up_bias, version == "B", max_seqlen))
+    return tuple(
+        _cpp("multi_tenant_generator_fwd")(
+            h,
+            mask,
+            cu_seqlens,
+            order,
+            seg_start,
+            seg_tenant,
+            down_weight,
+            down_bias,
+            pool_weight,
+            numerator,
+            denominator,
+            up_weight,
+            up_bias,
+            version == "B",
+            max_seqlen,
+        )
+    )
 
 
-def _multi_tenant_bwd_cpp(grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
-                          pool_weight, numerator, denominator, up_weight, a, z, u, g, n, wdp, version, max_seqlen,
-                          absent=None):
+def _multi_tenant_bwd_cpp(
+    grad,
+    h,
+    mask,
+    cu_seqlens,
+    order,
+    seg_start,
+    seg_tenant,
+    wsel,
+    unit,
+    down_weight,
+    pool_weight,
+    numerator,
+    denominator,
+    up_weight,
+    a,
+    z,
+    u,
+    g,
+    n,
+    wdp,
+    version,
+    max_seqlen,
+    absent=None,
+):
     gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = _cpp("multi_tenant_generator_bwd")(
-        grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, down_weight, pool_weight, numerator, denominator,
-        up_weight, a, z, u, g, n, wdp, version == "B", max_seqlen)
+        grad,
+        h,
+        mask,
+        cu_seqlens,
+        order,
+        seg_start,
+        seg_tenant,
+        down_weight,
+        pool_weight,
+        numerator,
+        denominator,
+        up_weight,
+        a,
+        z,
+        u,
+        g,
+        n,
+        wdp,
+        version == "B",
+        max_seqlen,
+    )
     wdt, pdt, udt = down_weight.dtype, pool_weight.dtype, up_weight.dtype
     return gh, gwd.to(wdt), gbd.to(wdt), gwp.to(pdt), gnum, gden, gwu.to(udt), gbu.to(udt)
 
 
-def _multi_tenant_fwd_fake(h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight, down_bias,
-                           pool_weight, numerator, denominator, up_weight, up_bias, version, max_seqlen):
+def _multi_tenant_fwd_fake(
+    h,
+    mask,
+    cu_seqlens,
+    order,
+    seg_start,
+    seg_tenant,
+    wsel,
+    unit,
+    down_weight,
+    down_bias,
+    pool_weight,
+    numerator,
+    denominator,
+    up_weight,
+    up_bias,
+    version,
+    max_seqlen,
+):
     cdt = compute_dtype(h)
     B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else h.shape[0]
     S = max_seqlen if cu_seqlens is not None else h.shape[1]
@@ -245,17 +355,47 @@ def _multi_tenant_fwd_fake(h, mask, cu_seqlens, order, seg_start, seg_tenant, ws
     L = pool_weight.shape[1]
     K = seg_tenant.shape[0]
     new = h.new_empty
-    return (new((B, L, d)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B, L, r), dtype=cdt),
-            new((B, L, r), dtype=cdt), new((B,), dtype=cdt), new((K, d, L), dtype=cdt))
+    return (
+        new((B, L, d)),
+        new((B, S, L), dtype=cdt),
+        new((B, L, d), dtype=cdt),
+        new((B, L, r), dtype=cdt),
+        new((B, L, r), dtype=cdt),
+        new((B,), dtype=cdt),
+        new((K, d, L), dtype=cdt),
+    )
 
 
-def _multi_tenant_bwd_fake(grad, h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, down_weight,
-                           pool_weight, numerator, denominator, up_weight, *saved_and_meta):
+def _multi_tenant_bwd_fake(
+    grad,
+    h,
+    mask,
+    cu_seqlens,
+    order,
+    seg_start,
+    seg_tenant,
+    wsel,
+    unit,
+    down_weight,
+    pool_weight,
+    numerator,
+    denominator,
+    up_weight,
+    *saved_and_meta,
+):
     T, r, d = down_weight.shape
     L = pool_weight.shape[1]
     wd, wp, wu = down_weight.new_empty, pool_weight.new_empty, up_weight.new_empty
-    return (h.new_empty(h.shape), wd((T, r, d)), wd((T, r)), wp((T, L, r)), torch.empty_like(numerator),
-            torch.empty_like(denominator), wu((T, d, r)), wu((T, d)))
+    return (
+        h.new_empty(h.shape),
+        wd((T, r, d)),
+        wd((T, r)),
+        wp((T, L, r)),
+        torch.empty_like(numerator),
+        torch.empty_like(denominator),
+        wu((T, d, r)),
+        wu((T, d)),
+    )
 
 
 _register(

@@ -62,8 +62,16 @@ class TenantGroups:
         k = present.numel()
         wsel = torch.repeat_interleave(torch.arange(k, device=device), sizes)
         i32 = torch.int32
-        return cls(num_tenants, ids, order.to(i32), seg_start.to(i32), present.to(i32), wsel.to(i32),
-                   torch.arange(k + 1, device=device, dtype=i32), torch.nonzero(counts == 0).flatten())
+        return cls(
+            num_tenants,
+            ids,
+            order.to(i32),
+            seg_start.to(i32),
+            present.to(i32),
+            wsel.to(i32),
+            torch.arange(k + 1, device=device, dtype=i32),
+            torch.nonzero(counts == 0).flatten(),
+        )
 
     @property
     def num_present(self) -> int:
@@ -78,7 +86,7 @@ class TenantGroups:
         """``(tenant, request indices)`` per present tenant, on the host (for the CPU path)."""
         bounds = self.seg_start.tolist()
         order = self.order.long()
-        return [(t, order[bounds[k]: bounds[k + 1]]) for k, t in enumerate(self.seg_tenant.tolist())]
+        return [(t, order[bounds[k] : bounds[k + 1]]) for k, t in enumerate(self.seg_tenant.tolist())]
 
     def tensors(self):
         return self.order, self.seg_start, self.seg_tenant, self.wsel, self.unit

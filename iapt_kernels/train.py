@@ -30,7 +30,9 @@ import iapt_kernels as ik
 
 __all__ = ["main", "SyntheticTask", "tiny_llama", "load_demo", "exact_match"]
 
-HELD_OUT_SEED = 10_000  # the held-out examples' RNG seed: never a training seed (those are seed * 1000 + rank)
+HELD_OUT_SEED = (
+    10_000  # the held-out examples' RNG seed: never a training seed (those are seed * 1000 + rank)
+)
 
 
 class SyntheticTask:
@@ -62,8 +64,14 @@ class SyntheticTask:
         return [self.sample(rng) for _ in range(n)]
 
     def decode(self, ids) -> str:
-        names = {self.PAD: "", self.BOS: "<s>", self.EOS: "</s>", self.SLOT: "_", self.MAX: "max",
-                 self.MIN: "min"}
+        names = {
+            self.PAD: "",
+            self.BOS: "<s>",
+            self.EOS: "</s>",
+            self.SLOT: "_",
+            self.MAX: "max",
+            self.MIN: "min",
+        }
         return " ".join(names.get(int(i), str(int(i) - self.DIGIT0)) for i in ids if int(i) != self.PAD)
 
     def to_dict(self) -> dict:
@@ -80,10 +88,19 @@ def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
-                                   bos_token_id=SyntheticTask.BOS, eos_token_id=SyntheticTask.EOS,
-                                   pad_token_id=SyntheticTask.PAD, initializer_range=initializer_range)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        bos_token_id=SyntheticTask.BOS,
+        eos_token_id=SyntheticTask.EOS,
+        pad_token_id=SyntheticTask.PAD,
+        initializer_range=initializer_range,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -92,24 +109,48 @@ DEFAULTS = {"steps": 1000, "batch_size": 32, "lr": 1e-2, "bottleneck": 64}  # th
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m iapt_kernels.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local directory of a causal LM and its tokenizer; never downloaded "
-                                   "(default: a tiny random Llama)")
+    p.add_argument(
+        "--model",
+        help="local directory of a causal LM and its tokenizer; never downloaded "
+        "(default: a tiny random Llama)",
+    )
     p.add_argument("--data", help='JSONL of {"instruction","response"} (default: the synthetic max/min task)')
-    p.add_argument("--out", default="iapt-adapter", help="directory the adapter is saved to (default %(default)s)")
-    p.add_argument("--evaluate", metavar="DIR", help="train nothing: reload the built-in demo saved in DIR "
-                                                     "and score it on the held-out examples")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimisation steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="examples per step per process (default %(default)s)")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
-                   help="AdamW peak learning rate, cosine-decayed to 0 over the run (default %(default)s)")
+    p.add_argument(
+        "--out", default="iapt-adapter", help="directory the adapter is saved to (default %(default)s)"
+    )
+    p.add_argument(
+        "--evaluate",
+        metavar="DIR",
+        help="train nothing: reload the built-in demo saved in DIR and score it on the held-out examples",
+    )
+    p.add_argument(
+        "--steps", type=int, default=DEFAULTS["steps"], help="optimisation steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help="examples per step per process (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS["lr"],
+        help="AdamW peak learning rate, cosine-decayed to 0 over the run (default %(default)s)",
+    )
     p.add_argument("--num-tokens", type=int, default=4)
-    p.add_argument("--bottleneck-size", type=int, default=None,
-                   help=f"default {DEFAULTS['bottleneck']} for the tiny model, else 256")
+    p.add_argument(
+        "--bottleneck-size",
+        type=int,
+        default=None,
+        help=f"default {DEFAULTS['bottleneck']} for the tiny model, else 256",
+    )
     p.add_argument("--num-tenants", type=int, default=1)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
     p.add_argument("--max-length", type=int, default=512, help="truncate instruction + response to this")
-    p.add_argument("--eval-size", type=int, default=200, help="held-out examples scored at the end (synthetic task)")
+    p.add_argument(
+        "--eval-size", type=int, default=200, help="held-out examples scored at the end (synthetic task)"
+    )
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -131,7 +172,9 @@ def _load_jsonl(path, tokenizer, max_length):
             if not isinstance(ex, dict) or "instruction" not in ex or "response" not in ex:
                 raise ValueError(f"{path}:{ln}: each line needs 'instruction' and 'response'")
             ins = tokenizer(ex["instruction"])["input_ids"]
-            resp = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            resp = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + (
+                [eos] if eos is not None else []
+            )
             pairs.append((ins[: max_length // 2], resp[: max_length // 2]))
     if not pairs:
         raise ValueError(f"{path} holds no examples")
@@ -139,23 +182,29 @@ def _load_jsonl(path, tokenizer, max_length):
 
 
 @torch.no_grad()
-def exact_match(iapt, examples, num_tokens: int, pad_id: int, slot_id: int, batch_size: int = 64, tenant: int = 0):
+def exact_match(
+    iapt, examples, num_tokens: int, pad_id: int, slot_id: int, batch_size: int = 64, tenant: int = 0
+):
     """``(hits, outputs)``: greedy generation of each example's response length, compared token for token."""
     was = iapt.training
     iapt.eval()
     device = next(iapt.generators.parameters()).device
     hits, outputs = 0, []
     for k in range(0, len(examples), batch_size):
-        chunk = examples[k: k + batch_size]
+        chunk = examples[k : k + batch_size]
         n = max(len(r) for _, r in chunk)
-        g = __import__("iapt_kernels").insert_prompt_slots([e[0] for e in chunk], num_tokens=num_tokens,
-                                                           pad_token_id=pad_id, slot_token_id=slot_id,
-                                                           padding_side="left")
+        g = __import__("iapt_kernels").insert_prompt_slots(
+            [e[0] for e in chunk],
+            num_tokens=num_tokens,
+            pad_token_id=pad_id,
+            slot_token_id=slot_id,
+            padding_side="left",
+        )
         g = {key: v.to(device) for key, v in g.items()}
         if iapt.iapt_config.num_tenants > 1:
             g["tenant_ids"] = torch.full((len(chunk),), tenant, dtype=torch.long, device=device)
         out = iapt.generate(**g, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
-        for (_, resp), row in zip(chunk, out[:, g["input_ids"].shape[1]:].tolist()):
+        for (_, resp), row in zip(chunk, out[:, g["input_ids"].shape[1] :].tolist()):
             hits += row[: len(resp)] == resp
             outputs.append(row[: len(resp)])
     iapt.train(was)
@@ -168,12 +217,16 @@ def load_demo(path: str, device=None):
 
     meta_file = os.path.join(path, "demo.json")
     if not os.path.isfile(meta_file):
-        raise FileNotFoundError(f"{path!r} holds no built-in demo run (no demo.json): --evaluate reloads the output "
-                                "of `python -m iapt_kernels.train` without --model")
+        raise FileNotFoundError(
+            f"{path!r} holds no built-in demo run (no demo.json): --evaluate reloads the output "
+            "of `python -m iapt_kernels.train` without --model"
+        )
     with open(meta_file) as f:
         meta = json.load(f)
     task = SyntheticTask(meta["min_len"], meta["max_len"])
-    base = transformers.LlamaForCausalLM.from_pretrained(os.path.join(path, "base_model"), local_files_only=True)
+    base = transformers.LlamaForCausalLM.from_pretrained(
+        os.path.join(path, "base_model"), local_files_only=True
+    )
     iapt = ik.load_iapt(base.to(device or "cpu"), path)
     return iapt, task
 
@@ -219,15 +272,19 @@ def main(argv=None) -> float | None:
         if args.data is not None:
             raise SystemExit("--data needs --model (a tokenizer to encode it with)")
         task = SyntheticTask()
-        log("no --model given: the built-in synthetic task (the max or min digit of a digit string, as the "
-            "instruction says) on a tiny randomly initialised Llama")
+        log(
+            "no --model given: the built-in synthetic task (the max or min digit of a digit string, as the "
+            "instruction says) on a tiny randomly initialised Llama"
+        )
         model = tiny_llama(task.vocab_size, seed=args.seed)
         pad_id, slot_id = task.PAD, task.SLOT
         sample = lambda: task.sample(rng)  # noqa: E731
         bottleneck = args.bottleneck_size or DEFAULTS["bottleneck"]
     else:
         if not os.path.isdir(args.model):
-            raise SystemExit(f"--model must be a local directory (nothing is downloaded); {args.model!r} is not one")
+            raise SystemExit(
+                f"--model must be a local directory (nothing is downloaded); {args.model!r} is not one"
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
@@ -240,9 +297,11 @@ def main(argv=None) -> float | None:
 
             def sample():
                 ins, resp = text_task.sample(rng)
-                return (tok(text_task.decode(ins[1:]))["input_ids"],
-                        tok(" " + text_task.decode(resp[:-1]), add_special_tokens=False)["input_ids"]
-                        + [tok.eos_token_id if tok.eos_token_id is not None else pad_id])
+                return (
+                    tok(text_task.decode(ins[1:]))["input_ids"],
+                    tok(" " + text_task.decode(resp[:-1]), add_special_tokens=False)["input_ids"]
+                    + [tok.eos_token_id if tok.eos_token_id is not None else pad_id],
+                )
         else:
             pairs = _load_jsonl(args.data, tok, args.max_length)
             log(f"{len(pairs)} examples from {args.data}")
@@ -250,13 +309,19 @@ def main(argv=None) -> float | None:
         bottleneck = args.bottleneck_size or 256
     model.to(device)
     torch.manual_seed(args.seed)  # same generator init on every rank
-    cfg = ik.IAPTConfig(num_tokens=args.num_tokens, bottleneck_size=bottleneck, num_tenants=args.num_tenants,
-                        backend=args.backend)
+    cfg = ik.IAPTConfig(
+        num_tokens=args.num_tokens,
+        bottleneck_size=bottleneck,
+        num_tenants=args.num_tenants,
+        backend=args.backend,
+    )
     iapt = ik.apply_iapt(model, cfg)
     n_train = iapt.num_trainable_parameters()
     n_total = sum(p.numel() for p in iapt.parameters())
-    log(f"trainable parameters: {n_train:,} (generators, {iapt.num_layers} layers) of {n_total:,} total "
-        f"({100.0 * n_train / n_total:.2f}%); world size {world}, device {device}")
+    log(
+        f"trainable parameters: {n_train:,} (generators, {iapt.num_layers} layers) of {n_total:,} total "
+        f"({100.0 * n_train / n_total:.2f}%); world size {world}, device {device}"
+    )
     net = iapt
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -269,8 +334,14 @@ def main(argv=None) -> float | None:
     t0, running = time.time(), None
     for step in bar:
         ex = [sample() for _ in range(args.batch_size)]
-        batch = ik.insert_prompt_slots([e[0] for e in ex], [e[1] for e in ex], num_tokens=args.num_tokens,
-                                       pad_token_id=pad_id, slot_token_id=slot_id, max_length=args.max_length)
+        batch = ik.insert_prompt_slots(
+            [e[0] for e in ex],
+            [e[1] for e in ex],
+            num_tokens=args.num_tokens,
+            pad_token_id=pad_id,
+            slot_token_id=slot_id,
+            max_length=args.max_length,
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         if args.num_tenants > 1:
             batch["tenant_ids"] = torch.randint(0, args.num_tenants, (args.batch_size,), device=device)
@@ -302,8 +373,10 @@ def main(argv=None) -> float | None:
             model.save_pretrained(os.path.join(args.out, "base_model"))
             with open(os.path.join(args.out, "demo.json"), "w") as f:
                 json.dump(task.to_dict(), f, indent=2)
-            log(f"saved the tiny backbone to {os.path.join(args.out, 'base_model')}; "
-                f"`python -m iapt_kernels.train --evaluate {args.out}` reloads and re-scores it")
+            log(
+                f"saved the tiny backbone to {os.path.join(args.out, 'base_model')}; "
+                f"`python -m iapt_kernels.train --evaluate {args.out}` reloads and re-scores it"
+            )
             score = _score(iapt, task, args.eval_size, args.num_tokens, log)
     if distributed:
         torch.distributed.barrier()

@@ -25,8 +25,13 @@ BLOCK_TRITON = textwrap.dedent("""
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TRITON + textwrap.dedent(code)], capture_output=True,
-                          text=True, cwd=PACKAGE.parent, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TRITON + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        timeout=300,
+    )
 
 
 def test_reference_imports_and_runs_without_triton():
@@ -94,14 +99,22 @@ def _files(sub: str):
 
 
 def test_floors():
-    kernel_layer = ("iapt_kernels.ops", "iapt_kernels.modules", "iapt_kernels.library", "iapt_kernels.functional",
-                    "iapt_kernels.integrations", "triton")
+    kernel_layer = (
+        "iapt_kernels.ops",
+        "iapt_kernels.modules",
+        "iapt_kernels.library",
+        "iapt_kernels.functional",
+        "iapt_kernels.integrations",
+        "triton",
+    )
     for sub in ("reference", "tenants", "fits", "_validate"):
         for f in _files(sub):
             bad = [m for m, _ in _imports(f) if m.startswith(kernel_layer)]
             assert not bad, f"{f.name} imports the kernel layer: {bad}"
     for f in _files("modules"):
-        bad = [m for m, _ in _imports(f) if m.startswith(("iapt_kernels.ops", "iapt_kernels.library", "triton"))]
+        bad = [
+            m for m, _ in _imports(f) if m.startswith(("iapt_kernels.ops", "iapt_kernels.library", "triton"))
+        ]
         assert not bad, f"modules/{f.name} reaches past functional: {bad}"
 
 
@@ -117,5 +130,9 @@ def test_autograd_functions_live_in_ops():
     for f in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("autograd.Function") for b in node.bases):
-                assert f.parent.name == "ops", f"{node.name} ({f.relative_to(PACKAGE)}) is an autograd Function outside ops/"
+            if isinstance(node, ast.ClassDef) and any(
+                ast.unparse(b).endswith("autograd.Function") for b in node.bases
+            ):
+                assert f.parent.name == "ops", (
+                    f"{node.name} ({f.relative_to(PACKAGE)}) is an autograd Function outside ops/"
+                )

@@ -44,6 +44,26 @@ def test_opcheck_multi_tenant_generator_ops(backend):
     fwd_args = (h, mask, None, *groups.tensors(), wd, bd, wp, num, den, wu, bu, "B", S, backend)
     torch.library.opcheck(torch.ops.iapt.multi_tenant_generator_fwd, fwd_args)
     p, a, z, u, g, n, wdp = torch.ops.iapt.multi_tenant_generator_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(p), h, mask, None, *groups.tensors(), wd, wp, num, den, wu, a, z, u, g, n, wdp,
-                "B", S, backend, groups.absent)
+    bwd_args = (
+        torch.randn_like(p),
+        h,
+        mask,
+        None,
+        *groups.tensors(),
+        wd,
+        wp,
+        num,
+        den,
+        wu,
+        a,
+        z,
+        u,
+        g,
+        n,
+        wdp,
+        "B",
+        S,
+        backend,
+        groups.absent,
+    )
     torch.library.opcheck(torch.ops.iapt.multi_tenant_generator_bwd, bwd_args)

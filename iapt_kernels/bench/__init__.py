@@ -23,6 +23,22 @@ from .timing import machine_description, run_cases, time_cpu, time_cuda
 
 _configure_malloc = configure_malloc  # the name benchmark scripts used before it was public
 
-__all__ = ["MODES", "Case", "configure_compile", "default_cases", "rational_cases", "generator_cases",
-           "multi_tenant_cases", "multi_tenant_available", "kernel_backends", "run_cases", "time_cpu",
-           "time_cuda", "format_table", "machine_description", "main", "run", "configure_malloc"]
+__all__ = [
+    "MODES",
+    "Case",
+    "configure_compile",
+    "default_cases",
+    "rational_cases",
+    "generator_cases",
+    "multi_tenant_cases",
+    "multi_tenant_available",
+    "kernel_backends",
+    "run_cases",
+    "time_cpu",
+    "time_cuda",
+    "format_table",
+    "machine_description",
+    "main",
+    "run",
+    "configure_malloc",
+]

@@ -56,15 +56,18 @@ def _runner(fn, inputs, mode, grad, params=()):
     """One call of `fn(*inputs)`: under no_grad forward, else forward and backward with fresh grads."""
     params = list(params)
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(*inputs)
     else:
+
         def run():
             for t in [*inputs, *params]:
                 if isinstance(t, torch.Tensor):
                     t.grad = None
             fn(*inputs).backward(grad)
+
     return run
 
 
@@ -92,8 +95,9 @@ def kernel_backends(device: str) -> list[str]:
     return ["cpp"] if "cpp" in avail else []
 
 
-def rational_cases(device: str, sizes=RATIONAL_SIZES, dtypes=(torch.float32,), backends=None,
-                   compiled=True) -> list[Case]:
+def rational_cases(
+    device: str, sizes=RATIONAL_SIZES, dtypes=(torch.float32,), backends=None, compiled=True
+) -> list[Case]:
     """Rational activation, degrees (5, 4), version B, one group, on a flat tensor of `numel` elements."""
     backends = backends if backends is not None else kernel_backends(device)
     num0, den0 = iapt_kernels.rational_init("gelu", (5, 4))
@@ -110,8 +114,14 @@ def rational_cases(device: str, sizes=RATIONAL_SIZES, dtypes=(torch.float32,), b
                     for t in (x, num, den):
                         t.requires_grad_()
                 grad = torch.randn_like(x)
-                case = Case("rational", (numel,), dtype, mode, tensors_moved=2.0 if mode == "fwd" else 5.0,
-                            params={"numel": numel, "degrees": (5, 4)})
+                case = Case(
+                    "rational",
+                    (numel,),
+                    dtype,
+                    mode,
+                    tensors_moved=2.0 if mode == "fwd" else 5.0,
+                    params={"numel": numel, "degrees": (5, 4)},
+                )
                 case.copy = lambda out=out, x=x: out.copy_(x.detach())
                 ref = lambda x, a, b: reference.rational(x, a, b)  # noqa: E731
                 case.impls["reference"] = _runner(ref, (x, num, den), mode, grad)
@@ -129,8 +139,9 @@ def random_mask(B: int, S: int, device: str) -> torch.Tensor:
     return (torch.rand(B, S) < MASK_FRACTION).to(device)
 
 
-def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,), backends=None,
-                    compiled=True) -> list[Case]:
+def generator_cases(
+    device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,), backends=None, compiled=True
+) -> list[Case]:
     """attention_pool alone and the whole prompt generator (pool + rational + up-projection), at
     `(B, S, d, r, L)`, with a random instruction mask covering ~80% of the positions."""
     backends = backends if backends is not None else kernel_backends(device)
@@ -154,8 +165,15 @@ def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,
                     g.to(device=device, dtype=dtype)
                     g.requires_grad_(mode == "fwd+bwd")
                 ref_gen = gens["reference"]
-                params = {"B": B, "S": S, "d": d, "r": r, "L": L, "degrees": (5, 4),
-                          "mask_fraction": float(mask.float().mean())}
+                params = {
+                    "B": B,
+                    "S": S,
+                    "d": d,
+                    "r": r,
+                    "L": L,
+                    "degrees": (5, 4),
+                    "mask_fraction": float(mask.float().mean()),
+                }
                 for op in ("attention_pool", "generator"):
                     case = Case(op, (B, S, d, r, L), dtype, mode, tensors_moved=moved, params=params)
                     case.copy = lambda out=out, h=h: out.copy_(h.detach())
@@ -165,8 +183,9 @@ def generator_cases(device: str, shapes=GENERATOR_SHAPES, dtypes=(torch.float32,
                         case.impls[name] = _runner(fn, (h, mask), mode, grad, g.parameters())
                         if name == "reference" and compiled:
                             fn_ref = ref_gen if op == "generator" else ref_gen.pooled
-                            case.impls["compiled"] = _runner(_compile(fn_ref), (h, mask), mode, grad,
-                                                             ref_gen.parameters())
+                            case.impls["compiled"] = _runner(
+                                _compile(fn_ref), (h, mask), mode, grad, ref_gen.parameters()
+                            )
                     cases.append(case)
     return cases
 
@@ -176,8 +195,9 @@ def multi_tenant_available() -> bool:
     return True
 
 
-def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.float32,), backends=None,
-                       compiled=True) -> list[Case]:
+def multi_tenant_cases(
+    device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.float32,), backends=None, compiled=True
+) -> list[Case]:
     """The multi-tenant generator at `(T, B, S, d, r, L)`: `T` tenants' generators and `B` requests
     whose tenants follow a mix (`TENANT_MIXES`; every mix at the last shape, round robin at the
     others)."""
@@ -201,18 +221,34 @@ def multi_tenant_cases(device: str, shapes=MULTI_TENANT_SHAPES, dtypes=(torch.fl
                     g.load_state_dict(gens["reference"].state_dict())
                     g.to(device=device, dtype=dtype)
                     g.requires_grad_(mode == "fwd+bwd")
-                params = {"T": T, "B": B, "S": S, "d": d, "r": r, "L": L, "degrees": (5, 4),
-                          "mask_fraction": float(mask.float().mean()), "mix": mix,
-                          "tenant_ids": tenant_ids.tolist()}
-                case = Case("multi_tenant_generator", (T, B, S, d, r, L), dtype, mode,
-                            tensors_moved=1.0 if mode == "fwd" else 3.0, params=params)
+                params = {
+                    "T": T,
+                    "B": B,
+                    "S": S,
+                    "d": d,
+                    "r": r,
+                    "L": L,
+                    "degrees": (5, 4),
+                    "mask_fraction": float(mask.float().mean()),
+                    "mix": mix,
+                    "tenant_ids": tenant_ids.tolist(),
+                }
+                case = Case(
+                    "multi_tenant_generator",
+                    (T, B, S, d, r, L),
+                    dtype,
+                    mode,
+                    tensors_moved=1.0 if mode == "fwd" else 3.0,
+                    params=params,
+                )
                 case.copy = lambda out=out, h=h: out.copy_(h.detach())
                 grad = torch.randn(B, L, d, device=device, dtype=dtype)
                 for name, g in gens.items():
                     case.impls[name] = _runner(g, (h, mask, tenant_ids), mode, grad, g.parameters())
                     if name == "reference" and compiled:
-                        case.impls["compiled"] = _runner(_compile(g), (h, mask, tenant_ids), mode, grad,
-                                                         g.parameters())
+                        case.impls["compiled"] = _runner(
+                            _compile(g), (h, mask, tenant_ids), mode, grad, g.parameters()
+                        )
                 cases.append(case)
     return cases
 
@@ -236,8 +272,13 @@ def tenant_mix(mix: str, B: int, T: int) -> torch.Tensor:
 def default_cases(device: str, quick: bool = False, compiled: bool = True) -> list[Case]:
     """The cases `iapt-bench` runs by default (and the pytest-benchmark suite runs)."""
     if quick:
-        return (rational_cases(device, sizes=QUICK_RATIONAL_SIZES, compiled=compiled)
-                + generator_cases(device, shapes=QUICK_GENERATOR_SHAPES, compiled=compiled)
-                + multi_tenant_cases(device, shapes=QUICK_MULTI_TENANT_SHAPES, compiled=compiled))
-    return (rational_cases(device, compiled=compiled) + generator_cases(device, compiled=compiled)
-            + multi_tenant_cases(device, compiled=compiled))
+        return (
+            rational_cases(device, sizes=QUICK_RATIONAL_SIZES, compiled=compiled)
+            + generator_cases(device, shapes=QUICK_GENERATOR_SHAPES, compiled=compiled)
+            + multi_tenant_cases(device, shapes=QUICK_MULTI_TENANT_SHAPES, compiled=compiled)
+        )
+    return (
+        rational_cases(device, compiled=compiled)
+        + generator_cases(device, compiled=compiled)
+        + multi_tenant_cases(device, compiled=compiled)
+    )

@@ -71,9 +71,11 @@ def configure_malloc(mode: str) -> str:
         ok = False
     if not ok:
         return "Allocator: glibc mallopt unavailable; large outputs may page-fault on every call."
-    return ("Allocator: freed buffers are reused (glibc mallopt M_MMAP_THRESHOLD=1 GiB, M_TRIM_THRESHOLD=2 GiB, "
-            "for every implementation alike, as jemalloc/tcmalloc would); `--malloc default` measures "
-            "glibc's defaults, where every large output is page-faulted afresh on each call.")
+    return (
+        "Allocator: freed buffers are reused (glibc mallopt M_MMAP_THRESHOLD=1 GiB, M_TRIM_THRESHOLD=2 GiB, "
+        "for every implementation alike, as jemalloc/tcmalloc would); `--malloc default` measures "
+        "glibc's defaults, where every large output is page-faulted afresh on each call."
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -88,15 +90,19 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     # --quick is a smoke test: torch.compile alone takes minutes per case on a small CPU machine.
     compiled = not args.no_compile and not args.quick
     if args.quick:
-        notes.append("Quick run: a smoke test that every part runs, not a measurement. Sizes are tiny, each "
-                     "timing is a few calls, torch.compile(reference) is not timed; speedups and throughputs "
-                     "below are dominated by fixed overheads and noise, so draw no conclusion from them: run "
-                     "`iapt-bench` without --quick for figures.")
+        notes.append(
+            "Quick run: a smoke test that every part runs, not a measurement. Sizes are tiny, each "
+            "timing is a few calls, torch.compile(reference) is not timed; speedups and throughputs "
+            "below are dominated by fixed overheads and noise, so draw no conclusion from them: run "
+            "`iapt-bench` without --quick for figures."
+        )
     cases = default_cases(args.device, quick=args.quick, compiled=compiled) if not args.no_ops else []
     if args.device == "cpu":
-        notes.append("Triton is not timed on CPU (its interpreter is not a performance path); the fused "
-                     "backend timed here is the C++ extension" + ("" if "cpp" in kernel_backends("cpu")
-                                                                  else ", which is not built: no fused rows"))
+        notes.append(
+            "Triton is not timed on CPU (its interpreter is not a performance path); the fused "
+            "backend timed here is the C++ extension"
+            + ("" if "cpp" in kernel_backends("cpu") else ", which is not built: no fused rows")
+        )
     specs = _model_specs(cases)
     model_dtypes = (torch.float32, torch.bfloat16)
     e2e_cfg = None
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             timer = functools.partial(time_cpu, min_time=min_time, min_reps=3 if min_time < 0.1 else 5)
         records = run_cases(cases, args.device, progress=bar if bar is not None else False, timer=timer)
         model = cost.model_rows(specs, model_dtypes, progress=bar)
+
         def key(rec):
             return rec["op"], tuple(rec["shape"]), rec["dtype"], rec["mode"], rec.get("params", {}).get("mix")
 
@@ -123,8 +130,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             if m is None:
                 continue
             r.update({k: v for k, v in m.items() if k not in ("op", "shape", "dtype", "mode", "params")})
-            r["h100_ms_modelled"] = (m["h100_ms_fused"] if r["backend"] in ("cpp", "triton")
-                                     else m["h100_ms_reference"] if r["backend"] == "reference" else None)
+            r["h100_ms_modelled"] = (
+                m["h100_ms_fused"]
+                if r["backend"] in ("cpp", "triton")
+                else m["h100_ms_reference"]
+                if r["backend"] == "reference"
+                else None
+            )
         e2e = None
         if e2e_cfg:
             op_threads = torch.get_num_threads()
@@ -139,16 +151,26 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     load1 = _load()
     cores = os.cpu_count() or 1
     if load0 is not None and max(load0, load1) > 0.5 * cores:
-        notes.append(f"Other processes shared the machine: 1-minute load average {load0:.1f} at the start and "
-                     f"{load1:.1f} at the end, on {cores} cores (this run's own threads included). "
-                     "Timings, above all the short ones, are noisy.")
+        notes.append(
+            f"Other processes shared the machine: 1-minute load average {load0:.1f} at the start and "
+            f"{load1:.1f} at the end, on {cores} cores (this run's own threads included). "
+            "Timings, above all the short ones, are noisy."
+        )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = ("iapt-bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     result = {
-        "machine": machine_description(args.device), "date": stamp, "command": command,
-        "wall_s": time.perf_counter() - start, "quick": bool(args.quick), "notes": notes, "ops": records, "model": model,
-        "e2e": e2e["records"] if e2e else [], "e2e_base": e2e["base"] if e2e else None,
-        "e2e_setup": e2e["setup"] if e2e else None, "e2e_errors": e2e["errors"] if e2e else [],
+        "machine": machine_description(args.device),
+        "date": stamp,
+        "command": command,
+        "wall_s": time.perf_counter() - start,
+        "quick": bool(args.quick),
+        "notes": notes,
+        "ops": records,
+        "model": model,
+        "e2e": e2e["records"] if e2e else [],
+        "e2e_base": e2e["base"] if e2e else None,
+        "e2e_setup": e2e["setup"] if e2e else None,
+        "e2e_errors": e2e["errors"] if e2e else [],
         "e2e_run": e2e,
     }
     return result
@@ -164,30 +186,56 @@ def _load() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="iapt-bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", metavar="DIR", default="bench-out",
-                   help="write report.md, results.json, results.csv, model.csv, e2e.csv and plots here "
-                        "(default: bench-out)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test (about a minute): tiny sizes, few calls, no torch.compile timings; "
-                        "its figures are not a measurement")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bench-out",
+        help="write report.md, results.json, results.csv, model.csv, e2e.csv and plots here "
+        "(default: bench-out)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test (about a minute): tiny sizes, few calls, no torch.compile timings; "
+        "its figures are not a measurement",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
-                   help="reuse: keep freed large buffers in glibc's heap (mallopt), as a caching allocator "
-                        "(jemalloc, tcmalloc) would, so no implementation pays page faults for a fresh "
-                        "output on every call; default: glibc's own thresholds (default: reuse)")
+    p.add_argument(
+        "--malloc",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="reuse: keep freed large buffers in glibc's heap (mallopt), as a caching allocator "
+        "(jemalloc, tcmalloc) would, so no implementation pays page faults for a fresh "
+        "output on every call; default: glibc's own thresholds (default: reuse)",
+    )
     p.add_argument("--no-e2e", action="store_true", help="skip the IAPT-vs-LoRA serving comparison")
-    p.add_argument("--e2e-threads", type=int, default=1, metavar="N",
-                   help="torch CPU threads of the serving comparison (default 1: decoding a tiny model is "
-                        "latency-bound, and one thread stays stable on a shared machine)")
+    p.add_argument(
+        "--e2e-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads of the serving comparison (default 1: decoding a tiny model is "
+        "latency-bound, and one thread stays stable on a shared machine)",
+    )
     p.add_argument("--no-ops", action="store_true", help="skip the op timings and the cost model")
     p.add_argument("--no-compile", action="store_true", help="do not time torch.compile(reference)")
-    p.add_argument("--min-time", type=float, default=None, metavar="S",
-                   help="CPU: least seconds of repeated runs per timing (default 0.5)")
-    p.add_argument("--no-tenant-sweep", action="store_true", help="skip the tenant sweep (tenants.csv/.md/.png)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="CPU: least seconds of repeated runs per timing (default 0.5)",
+    )
+    p.add_argument(
+        "--no-tenant-sweep", action="store_true", help="skip the tenant sweep (tenants.csv/.md/.png)"
+    )
     p.add_argument("--tenant-sweep-only", action="store_true", help="run the tenant sweep alone")
-    p.add_argument("--from-json", metavar="FILE",
-                   help="measure nothing: re-render the report, CSVs and plots of a results.json into --out")
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: re-render the report, CSVs and plots of a results.json into --out",
+    )
     args = p.parse_args(argv)
     if args.from_json:
         written = write_outputs(args.out, load_result(args.from_json))
@@ -229,8 +277,10 @@ def _tenant_sweep(args, written) -> int:
         if bar is not None:
             bar.close()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"{machine_description(args.device)}, {stamp}; 1-minute load average {load0} at the start, "
-              f"{_load()} at the end, on {os.cpu_count()} cores")
+    header = (
+        f"{machine_description(args.device)}, {stamp}; 1-minute load average {load0} at the start, "
+        f"{_load()} at the end, on {os.cpu_count()} cores"
+    )
     paths = write_sweep(args.out, records, header)
     print(open(paths[1]).read())
     print(f"wrote {', '.join(os.path.basename(w) for w in written + paths)} under {args.out}/")

@@ -48,8 +48,19 @@ class E2EConfig:
 
     @classmethod
     def quick(cls) -> "E2EConfig":
-        return cls(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=256,
-                   requests=4, prompt_len=16, new_tokens=4, bottleneck_size=16, tenants=(1, 2), repeats=1)
+        return cls(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=128,
+            vocab_size=256,
+            requests=4,
+            prompt_len=16,
+            new_tokens=4,
+            bottleneck_size=16,
+            tenants=(1, 2),
+            repeats=1,
+        )
 
 
 def build_model(cfg: E2EConfig):
@@ -58,10 +69,17 @@ def build_model(cfg: E2EConfig):
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        vocab_size=cfg.vocab_size,
         max_position_embeddings=max(512, cfg.prompt_len + cfg.num_tokens + cfg.new_tokens + 8),
-        bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
@@ -103,7 +121,10 @@ class _ForwardTimer:
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls: list[tuple[float, float]] = []
         self._t0 = 0.0
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        self._handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post),
+        ]
 
     def _pre(self, *_):
         self._t0 = time.perf_counter()
@@ -119,8 +140,9 @@ class _ForwardTimer:
             h.remove()
 
 
-def _measure(generate, timer: _ForwardTimer, batch: int, prompt_width: int, repeats: int,
-             budget_s: float = 10.0) -> dict:
+def _measure(
+    generate, timer: _ForwardTimer, batch: int, prompt_width: int, repeats: int, budget_s: float = 10.0
+) -> dict:
     """Median prefill ms and decode tokens/s over `repeats` generate calls (after one warm-up); no
     new repeat starts once `budget_s` seconds have gone."""
     generate(4)  # warm-up: allocator, thread pools, first-call paths
@@ -139,34 +161,54 @@ def _measure(generate, timer: _ForwardTimer, batch: int, prompt_width: int, repe
         prefill.append((first_end - first_start) * 1e3)
         decode.append(batch * (new - 1) / (t1 - first_end))
         totals.append((t1 - t0) * 1e3)
-    return {"prefill_ms": statistics.median(prefill), "tokens_per_s": statistics.median(decode),
-            "generate_ms": statistics.median(totals), "new_tokens": int(new),
-            "forward_calls": len(timer.calls), "repeats": len(prefill)}
+    return {
+        "prefill_ms": statistics.median(prefill),
+        "tokens_per_s": statistics.median(decode),
+        "generate_ms": statistics.median(totals),
+        "new_tokens": int(new),
+        "forward_calls": len(timer.calls),
+        "repeats": len(prefill),
+    }
 
 
 def run_iapt(base, cfg: E2EConfig, T: int, ids: torch.Tensor) -> dict:
     model = copy.deepcopy(base)
-    wrapped = iapt_kernels.apply_iapt(model, iapt_kernels.IAPTConfig(
-        num_tenants=T, num_tokens=cfg.num_tokens, bottleneck_size=cfg.bottleneck_size))
+    wrapped = iapt_kernels.apply_iapt(
+        model,
+        iapt_kernels.IAPTConfig(
+            num_tenants=T, num_tokens=cfg.num_tokens, bottleneck_size=cfg.bottleneck_size
+        ),
+    )
     wrapped.eval()
-    batch = iapt_kernels.insert_prompt_slots(ids.tolist(), num_tokens=cfg.num_tokens, pad_token_id=0,
-                                             padding_side="left")
+    batch = iapt_kernels.insert_prompt_slots(
+        ids.tolist(), num_tokens=cfg.num_tokens, pad_token_id=0, padding_side="left"
+    )
     tenant_ids = torch.arange(cfg.requests) % T
     timer = _ForwardTimer(model)
 
     def generate(n):
-        return wrapped.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                instruction_mask=batch["instruction_mask"], tenant_ids=tenant_ids,
-                                max_new_tokens=n or cfg.new_tokens, do_sample=False)
+        return wrapped.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            instruction_mask=batch["instruction_mask"],
+            tenant_ids=tenant_ids,
+            max_new_tokens=n or cfg.new_tokens,
+            do_sample=False,
+        )
 
     try:
         rec = _measure(generate, timer, cfg.requests, batch["input_ids"].shape[1], cfg.repeats)
     finally:
         timer.remove()
     trainable = wrapped.num_trainable_parameters()
-    rec.update(method="iapt", tenants=T, prompt_tokens=int(batch["input_ids"].shape[1]),
-               trainable_params_per_tenant=trainable // T, trainable_params_total=trainable,
-               config=f"L={cfg.num_tokens}, r={cfg.bottleneck_size}, backend={_resolved(wrapped)}")
+    rec.update(
+        method="iapt",
+        tenants=T,
+        prompt_tokens=int(batch["input_ids"].shape[1]),
+        trainable_params_per_tenant=trainable // T,
+        trainable_params_total=trainable,
+        config=f"L={cfg.num_tokens}, r={cfg.bottleneck_size}, backend={_resolved(wrapped)}",
+    )
     return rec
 
 
@@ -182,8 +224,14 @@ def run_lora(base, cfg: E2EConfig, T: int, ids: torch.Tensor, rank: int) -> dict
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base)
-    lcfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(cfg.lora_targets),
-                      init_lora_weights=False, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=list(cfg.lora_targets),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(cfg.seed + 2)
     peft_model = get_peft_model(model, lcfg, adapter_name="t0")
     for t in range(1, T):
@@ -194,17 +242,27 @@ def run_lora(base, cfg: E2EConfig, T: int, ids: torch.Tensor, rank: int) -> dict
     timer = _ForwardTimer(model)
 
     def generate(n):
-        return peft_model.generate(input_ids=ids, attention_mask=attention_mask, adapter_names=names,
-                                   max_new_tokens=n or cfg.new_tokens, do_sample=False)
+        return peft_model.generate(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            adapter_names=names,
+            max_new_tokens=n or cfg.new_tokens,
+            do_sample=False,
+        )
 
     try:
         rec = _measure(generate, timer, cfg.requests, ids.shape[1], cfg.repeats)
     finally:
         timer.remove()
     per_tenant = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n and ".t0." in n)
-    rec.update(method="lora", tenants=T, prompt_tokens=int(ids.shape[1]), trainable_params_per_tenant=per_tenant,
-               trainable_params_total=per_tenant * T,
-               config=f"rank={rank}, targets={'+'.join(cfg.lora_targets)}, mixed batch (adapter_names)")
+    rec.update(
+        method="lora",
+        tenants=T,
+        prompt_tokens=int(ids.shape[1]),
+        trainable_params_per_tenant=per_tenant,
+        trainable_params_total=per_tenant * T,
+        config=f"rank={rank}, targets={'+'.join(cfg.lora_targets)}, mixed batch (adapter_names)",
+    )
     return rec
 
 
@@ -215,8 +273,9 @@ def run_base(base, cfg: E2EConfig, ids: torch.Tensor) -> dict:
     attention_mask = torch.ones_like(ids)
 
     def generate(n):
-        return model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=n or cfg.new_tokens,
-                              do_sample=False)
+        return model.generate(
+            input_ids=ids, attention_mask=attention_mask, max_new_tokens=n or cfg.new_tokens, do_sample=False
+        )
 
     try:
         rec = _measure(generate, timer, cfg.requests, ids.shape[1], cfg.repeats)
@@ -243,12 +302,20 @@ def run_e2e(cfg: E2EConfig, progress=None, methods=("iapt", "lora")) -> dict:
     ids = prompts(cfg)
     rank, lora_n, iapt_n = matched_lora_rank(base, cfg)
     setup = {
-        "model": (f"LlamaForCausalLM, random init, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
-                  f"{cfg.num_heads} heads, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}, fp32"),
-        "requests": cfg.requests, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+        "model": (
+            f"LlamaForCausalLM, random init, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+            f"{cfg.num_heads} heads, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}, fp32"
+        ),
+        "requests": cfg.requests,
+        "prompt_len": cfg.prompt_len,
+        "new_tokens": cfg.new_tokens,
         "iapt": f"L={cfg.num_tokens} soft tokens per layer, bottleneck r={cfg.bottleneck_size}",
-        "iapt_params_per_tenant": iapt_n, "lora_rank": rank, "lora_params_per_tenant": lora_n,
-        "lora_targets": list(cfg.lora_targets), "repeats": cfg.repeats, "threads": torch.get_num_threads(),
+        "iapt_params_per_tenant": iapt_n,
+        "lora_rank": rank,
+        "lora_params_per_tenant": lora_n,
+        "lora_targets": list(cfg.lora_targets),
+        "repeats": cfg.repeats,
+        "threads": torch.get_num_threads(),
     }
     records, errors = [], []
 

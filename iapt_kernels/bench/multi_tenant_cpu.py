@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         def run():
             with torch.no_grad():
                 fn()
+
         return run
 
     def fwd_bwd(mod, groups):
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
                 q.grad = None
             hh.grad = None
             (mod(hh, mask, groups=groups) * grad).sum().backward()
+
         return run
 
     impls = {
@@ -82,8 +84,10 @@ def main(argv=None) -> int:
             times[name].append((time.perf_counter() - t) * 1e3)
     load1 = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"T={a.T} B={a.B} S={a.S} d={a.d} r={a.r} L={a.L} fp32, {torch.get_num_threads()} threads, "
-          f"{a.rounds} interleaved rounds; 1-min load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cores")
+    print(
+        f"T={a.T} B={a.B} S={a.S} d={a.d} r={a.r} L={a.L} fp32, {torch.get_num_threads()} threads, "
+        f"{a.rounds} interleaved rounds; 1-min load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cores"
+    )
     for k, v in med.items():
         print(f"  {k:<16} median {v:8.2f} ms   (min {min(times[k]):8.2f}, max {max(times[k]):8.2f})")
     checks = [

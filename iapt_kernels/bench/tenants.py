@@ -45,11 +45,13 @@ def _bmm_products(gen, h, tenant_ids):
             torch.bmm(wp, wd)  # Wdp^T per request
             torch.bmm(z, wd.transpose(1, 2))  # U
             torch.bmm(g, wu.transpose(1, 2))  # P
+
     return run
 
 
-def tenant_sweep(device: str, tenants=TENANTS, shape=None, dtype=torch.float32, modes=MODES, timer=None,
-                 progress=None) -> list[dict]:
+def tenant_sweep(
+    device: str, tenants=TENANTS, shape=None, dtype=torch.float32, modes=MODES, timer=None, progress=None
+) -> list[dict]:
     """Time the sweep; one record per (tenants, mode, implementation) with `ms`, and `x_loop` =
     reference loop time / this time."""
     B, S, d, r, L = shape or SHAPE["cuda" if device == "cuda" else "cpu"]
@@ -80,9 +82,21 @@ def tenant_sweep(device: str, tenants=TENANTS, shape=None, dtype=torch.float32, 
             if device == "cuda" and mode == "fwd":
                 times["bmm (forward products)"] = timer(_bmm_products(impls["reference loop"], h, ids))
             for name, ms in times.items():
-                records.append({"tenants": T, "B": B, "S": S, "d": d, "r": r, "L": L,
-                                "dtype": str(dtype).replace("torch.", ""), "mode": mode, "impl": name,
-                                "ms": ms, "x_loop": times["reference loop"] / ms})
+                records.append(
+                    {
+                        "tenants": T,
+                        "B": B,
+                        "S": S,
+                        "d": d,
+                        "r": r,
+                        "L": L,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "mode": mode,
+                        "impl": name,
+                        "ms": ms,
+                        "x_loop": times["reference loop"] / ms,
+                    }
+                )
     return records
 
 
@@ -100,10 +114,18 @@ def write_sweep(out_dir: str, records: list[dict], header: str = "") -> list[str
         w.writeheader()
         w.writerows(records)
     first = records[0]
-    lines = [header, "", f"Tenant sweep, B={first['B']}, S={first['S']}, d={first['d']}, r={first['r']}, "
-             f"L={first['L']}, {first['dtype']}, round-robin tenants (ms, median; x = reference loop / this)", "",
-             "| tenants | mode | impl | ms | x loop |", "|---:|---|---|---:|---:|"]
-    lines += [f"| {r['tenants']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {r['x_loop']:.2f} |" for r in records]
+    lines = [
+        header,
+        "",
+        f"Tenant sweep, B={first['B']}, S={first['S']}, d={first['d']}, r={first['r']}, "
+        f"L={first['L']}, {first['dtype']}, round-robin tenants (ms, median; x = reference loop / this)",
+        "",
+        "| tenants | mode | impl | ms | x loop |",
+        "|---:|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['tenants']} | {r['mode']} | {r['impl']} | {r['ms']:.3f} | {r['x_loop']:.2f} |" for r in records
+    ]
     with open(paths[1], "w") as f:
         f.write("\n".join(lines).lstrip() + "\n")
     import matplotlib
@@ -112,12 +134,14 @@ def write_sweep(out_dir: str, records: list[dict], header: str = "") -> list[str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (impl, mode) in dict.fromkeys((r["impl"], r["mode"]) for r in records):
+    for impl, mode in dict.fromkeys((r["impl"], r["mode"]) for r in records):
         pts = [(r["tenants"], r["ms"]) for r in records if r["impl"] == impl and r["mode"] == mode]
         ax.plot(*zip(*pts), marker="o", linestyle="-" if mode == "fwd" else "--", label=f"{impl}, {mode}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks([r["tenants"] for r in records if r["impl"] == "reference loop" and r["mode"] == records[0]["mode"]])
+    ax.set_xticks(
+        [r["tenants"] for r in records if r["impl"] == "reference loop" and r["mode"] == records[0]["mode"]]
+    )
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(f"tenants in a batch of {first['B']}")
     ax.set_ylabel("time (ms)")

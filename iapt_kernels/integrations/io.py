@@ -30,7 +30,9 @@ FORMAT_VERSION = 1
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while not isinstance(model, IAPTModel) and hasattr(model, "module") and isinstance(model.module, nn.Module):
+    while (
+        not isinstance(model, IAPTModel) and hasattr(model, "module") and isinstance(model.module, nn.Module)
+    ):
         model = model.module  # DistributedDataParallel, DataParallel
     return model
 
@@ -52,16 +54,26 @@ def _check_tenant(t, T: int) -> int:
 
 def _base_model_info(model: IAPTModel) -> dict[str, Any]:
     config = getattr(model.model, "config", None)
-    return {"model_type": getattr(config, "model_type", None), "class": type(model.model).__name__,
-            "name_or_path": getattr(config, "_name_or_path", None) or None,
-            "hidden_size": model.hidden_size, "num_layers": model.num_layers}
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "class": type(model.model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
+    }
 
 
 def adapter_metadata(model: IAPTModel, config: IAPTConfig | None = None) -> dict[str, Any]:
     """The ``iapt_config.json`` content for ``model`` (``config`` replaces its :class:`IAPTConfig`)."""
     cfg = model.iapt_config if config is None else config
-    return {"format": "iapt_kernels", "format_version": FORMAT_VERSION, "iapt_config": cfg.to_dict(),
-            "hidden_size": model.hidden_size, "num_layers": model.num_layers, "base_model": _base_model_info(model)}
+    return {
+        "format": "iapt_kernels",
+        "format_version": FORMAT_VERSION,
+        "iapt_config": cfg.to_dict(),
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
+        "base_model": _base_model_info(model),
+    }
 
 
 def decode_metadata(state, where: str) -> dict[str, Any]:
@@ -83,7 +95,7 @@ def decode_metadata(state, where: str) -> dict[str, Any]:
 
 def _parse_config(meta: dict[str, Any], where: str) -> IAPTConfig:
     if meta.get("format") != "iapt_kernels":
-        raise ValueError(f"{where} is not an iapt_kernels adapter config (no \"format\": \"iapt_kernels\")")
+        raise ValueError(f'{where} is not an iapt_kernels adapter config (no "format": "iapt_kernels")')
     for key in ("iapt_config", "hidden_size", "num_layers"):
         if key not in meta:
             raise ValueError(f"{where}: the adapter config lacks {key!r}; re-save the adapter with save_iapt")
@@ -103,18 +115,28 @@ def check_metadata(model: IAPTModel, meta: dict[str, Any], where: str) -> IAPTCo
     cfg = model.iapt_config
     base, here = meta.get("base_model") or {}, _base_model_info(model)
     fix = "load the adapter into the base model it was trained on"
-    for key in ("model_type", "class") if base.get("model_type") is None or here["model_type"] is None else ("model_type",):
+    for key in (
+        ("model_type", "class")
+        if base.get("model_type") is None or here["model_type"] is None
+        else ("model_type",)
+    ):
         if base.get(key) is not None and base[key] != here[key]:
-            raise ValueError(f"{where}: the adapter was trained on a {base.get('model_type') or base.get('class')} "
-                             f"model ({base.get('class')}{', ' + base['name_or_path'] if base.get('name_or_path') else ''}"
-                             f"), this is a {here['model_type'] or here['class']} model ({here['class']}); {fix}")
-    for what, a, b in (("hidden_size", meta["hidden_size"], model.hidden_size),
-                       ("num_layers", meta["num_layers"], model.num_layers),
-                       ("num_tokens", saved.num_tokens, cfg.num_tokens),
-                       ("bottleneck_size", saved.bottleneck_size, cfg.bottleneck_size),
-                       ("degrees", tuple(saved.degrees), tuple(cfg.degrees))):
+            raise ValueError(
+                f"{where}: the adapter was trained on a {base.get('model_type') or base.get('class')} "
+                f"model ({base.get('class')}{', ' + base['name_or_path'] if base.get('name_or_path') else ''}"
+                f"), this is a {here['model_type'] or here['class']} model ({here['class']}); {fix}"
+            )
+    for what, a, b in (
+        ("hidden_size", meta["hidden_size"], model.hidden_size),
+        ("num_layers", meta["num_layers"], model.num_layers),
+        ("num_tokens", saved.num_tokens, cfg.num_tokens),
+        ("bottleneck_size", saved.bottleneck_size, cfg.bottleneck_size),
+        ("degrees", tuple(saved.degrees), tuple(cfg.degrees)),
+    ):
         if a != b:
-            raise ValueError(f"{where}: the adapter has {what}={a}, the model has {b}; {fix}, with its IAPTConfig")
+            raise ValueError(
+                f"{where}: the adapter has {what}={a}, the model has {b}; {fix}, with its IAPTConfig"
+            )
     return saved
 
 
@@ -139,8 +161,13 @@ def _write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = None, *,
-              state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_iapt(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tenant: int | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save the generators of an :class:`IAPTModel` (or a DDP/FSDP-wrapped one) to directory ``path``.
 
     Writes ``adapter_model.safetensors`` (the generators' state_dict, keys ``<layer>.<param>``) and
@@ -163,8 +190,10 @@ def save_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
         prefix = next((k[: k.index("generators.")] for k in state_dict if "generators." in k), None)
         if prefix is None:
             raise ValueError("the state_dict given to save_iapt holds no generators.* entries")
-        layers = [{k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
-                  for l, g in enumerate(model.generators)]
+        layers = [
+            {k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
+            for l, g in enumerate(model.generators)
+        ]
     else:
         layers = [g.state_dict() for g in model.generators]
     if tenant is not None and T > 1:
@@ -206,8 +235,10 @@ def read_iapt_config(path: str | os.PathLike) -> tuple[IAPTConfig, dict[str, Any
     if os.path.isfile(trainer):
         meta = decode_metadata(_open_safetensors(trainer, keys=[EXTRA_STATE_KEY])[EXTRA_STATE_KEY], trainer)
         return _parse_config(meta, trainer), meta
-    raise FileNotFoundError(f"no IAPT adapter at {path!r}: neither {CONFIG_NAME} (save_iapt, save_pretrained) nor "
-                            f"{TRAINER_WEIGHTS_NAME} (transformers.Trainer) is there")
+    raise FileNotFoundError(
+        f"no IAPT adapter at {path!r}: neither {CONFIG_NAME} (save_iapt, save_pretrained) nor "
+        f"{TRAINER_WEIGHTS_NAME} (transformers.Trainer) is there"
+    )
 
 
 def _open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -219,8 +250,10 @@ def _open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[s
             names = list(f.keys())
             if keys is not None and not set(keys) <= set(names):
                 missing = sorted(set(keys) - set(names))
-                raise LookupError(f"{file}: no {missing[0]!r} in it; this is not an IAPT model's state_dict (save "
-                                  "adapters with save_iapt or IAPTModel.save_pretrained)")
+                raise LookupError(
+                    f"{file}: no {missing[0]!r} in it; this is not an IAPT model's state_dict (save "
+                    "adapters with save_iapt or IAPTModel.save_pretrained)"
+                )
             if keys is not None:
                 names = list(keys)
             elif prefix is not None:
@@ -229,8 +262,10 @@ def _open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[s
     except LookupError as exc:
         raise ValueError(str(exc)) from None
     except Exception as exc:  # safetensors raises its own error types for truncated or garbage files
-        raise ValueError(f"{file}: cannot read it as safetensors ({type(exc).__name__}: {exc}); the file is damaged "
-                         "or not an adapter: re-save it") from None
+        raise ValueError(
+            f"{file}: cannot read it as safetensors ({type(exc).__name__}: {exc}); the file is damaged "
+            "or not an adapter: re-save it"
+        ) from None
 
 
 def _layer_states(state: dict[str, torch.Tensor], n: int, file: str) -> list[dict[str, torch.Tensor]]:
@@ -238,7 +273,9 @@ def _layer_states(state: dict[str, torch.Tensor], n: int, file: str) -> list[dic
     for k, v in state.items():
         l, _, rest = k.partition(".")
         if not l.isdigit() or int(l) >= n or not rest:
-            raise ValueError(f"{file}: unexpected tensor {k!r} (keys are <layer>.<parameter>, layers 0..{n - 1})")
+            raise ValueError(
+                f"{file}: unexpected tensor {k!r} (keys are <layer>.<parameter>, layers 0..{n - 1})"
+            )
         out[int(l)][rest] = v
     empty = [l for l, sd in enumerate(out) if not sd]
     if empty:
@@ -268,7 +305,7 @@ def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
         state = _open_safetensors(file)
     else:
         file = os.path.join(path, TRAINER_WEIGHTS_NAME)
-        state = {k[len("generators."):]: v for k, v in _open_safetensors(file, prefix="generators.").items()}
+        state = {k[len("generators.") :]: v for k, v in _open_safetensors(file, prefix="generators.").items()}
     model = _unwrap(model)
     if not isinstance(model, IAPTModel):
         model = apply_iapt(model, saved_cfg)
@@ -297,8 +334,14 @@ def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
     elif Ts == 1:
         _check_tenant(tenant, Tm)
         for g, sd in zip(gens, layers):
-            single = PromptGenerator(model.hidden_size, cfg.bottleneck_size, cfg.num_tokens,
-                                                  tuple(cfg.degrees), cfg.activation_init, cfg.version)
+            single = PromptGenerator(
+                model.hidden_size,
+                cfg.bottleneck_size,
+                cfg.num_tokens,
+                tuple(cfg.degrees),
+                cfg.activation_init,
+                cfg.version,
+            )
             single.load_state_dict(sd)
             p0 = next(g.parameters())
             _set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
@@ -306,8 +349,14 @@ def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
         _check_tenant(tenant, Ts)
         for g, sd in zip(gens, layers):
             mt = MultiTenantPromptGenerator(
-                Ts, model.hidden_size, saved_cfg.bottleneck_size, saved_cfg.num_tokens, tuple(saved_cfg.degrees),
-                saved_cfg.activation_init, saved_cfg.version)
+                Ts,
+                model.hidden_size,
+                saved_cfg.bottleneck_size,
+                saved_cfg.num_tokens,
+                tuple(saved_cfg.degrees),
+                saved_cfg.activation_init,
+                saved_cfg.version,
+            )
             mt.load_state_dict(sd)
             single = mt.generator(tenant)
             p0 = next(g.parameters())

@@ -100,8 +100,10 @@ def _check_tokens_for_backend(num_tokens: int, backend: str) -> None:
     # The fused kernels are compiled for L up to MAX_TOKENS: say so when the config is made, not at
     # the first forward.
     if backend != "reference" and num_tokens > MAX_TOKENS:
-        raise ValueError(f"num_tokens={num_tokens} exceeds the {MAX_TOKENS} soft tokens the fused kernels support "
-                         f"(backend={backend!r}): use num_tokens <= {MAX_TOKENS}, or backend='reference'")
+        raise ValueError(
+            f"num_tokens={num_tokens} exceeds the {MAX_TOKENS} soft tokens the fused kernels support "
+            f"(backend={backend!r}): use num_tokens <= {MAX_TOKENS}, or backend='reference'"
+        )
 
 
 def _text_config(config):
@@ -132,7 +134,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not cands:
         raise ValueError(
             f"no decoder layers found in {type(model).__name__}: expected an nn.ModuleList of "
-            f"{n if n is not None else 'N'} identical blocks (config.num_hidden_layers)")
+            f"{n if n is not None else 'N'} identical blocks (config.num_hidden_layers)"
+        )
     depth = min(name.count(".") for name, _ in cands)
     cands = [(name, m) for name, m in cands if name.count(".") == depth]
     if len(cands) > 1:
@@ -161,8 +164,12 @@ class _SlotState:
     def expand(self, k: int, num_tenants: int) -> "_SlotState":
         """The same state for a batch whose rows are each repeated ``k`` times (beams, samples)."""
         t = None if self.tenant_ids is None else self.tenant_ids.repeat_interleave(k)
-        return _SlotState(self.instruction_mask.repeat_interleave(k, 0), self.slot_index.repeat_interleave(k, 0),
-                          t, _build_groups(t, num_tenants) if self.groups is not None else None)
+        return _SlotState(
+            self.instruction_mask.repeat_interleave(k, 0),
+            self.slot_index.repeat_interleave(k, 0),
+            t,
+            _build_groups(t, num_tenants) if self.groups is not None else None,
+        )
 
     def widen(self, q: int) -> "_SlotState":
         """The same state for a call over the prompt followed by ``q - S`` generated tokens."""
@@ -170,7 +177,9 @@ class _SlotState:
         if q == S:
             return self
         pad = self.instruction_mask.new_zeros((B, q - S))
-        return _SlotState(torch.cat([self.instruction_mask, pad], 1), self.slot_index, self.tenant_ids, self.groups)
+        return _SlotState(
+            torch.cat([self.instruction_mask, pad], 1), self.slot_index, self.tenant_ids, self.groups
+        )
 
 
 def _build_groups(tenant_ids, num_tenants):
@@ -180,7 +189,9 @@ def _build_groups(tenant_ids, num_tenants):
     return TenantGroups.from_valid_ids(tenant_ids, num_tenants)
 
 
-def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor) -> torch.Tensor:
+def _every_tenant(
+    gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor
+) -> torch.Tensor:
     """``P (B, L, d)`` of a stacked multi-tenant generator, for code under ``torch.compile``.
 
     Grouping requests by tenant (``TenantGroups``) makes shapes depend on the data, which a
@@ -193,7 +204,9 @@ def _every_tenant(gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tena
     backend = gen.backend
     out = None
     for t in range(gen.num_tenants):
-        u = F_.attention_pool(hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend)
+        u = F_.attention_pool(
+            hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend
+        )
         g = F_.rational(u, gen.act.numerator[t], gen.act.denominator[t], version=gen.version, backend=backend)
         p = torch.nn.functional.linear(g, gen.up.weight[t], gen.up.bias[t])
         out = torch.zeros_like(p) if out is None else out
@@ -294,11 +307,15 @@ class IAPTModel(nn.Module):
         if not isinstance(config, IAPTConfig):
             raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
         if isinstance(model, IAPTModel):
-            raise TypeError("apply_iapt got a model that is already an IAPTModel; wrap the backbone once (to start "
-                            "over with another config: apply_iapt(model.remove_hooks(), config))")
+            raise TypeError(
+                "apply_iapt got a model that is already an IAPTModel; wrap the backbone once (to start "
+                "over with another config: apply_iapt(model.remove_hooks(), config))"
+            )
         if getattr(model, "_iapt_hooked", False):
-            raise TypeError(f"this {type(model).__name__} already carries the hooks of another IAPTModel; call "
-                            "remove_hooks() on that IAPTModel first")
+            raise TypeError(
+                f"this {type(model).__name__} already carries the hooks of another IAPTModel; call "
+                "remove_hooks() on that IAPTModel first"
+            )
         self.model = model
         self.iapt_config = config
         self._layer_name, layers = find_decoder_layers(model)
@@ -310,15 +327,18 @@ class IAPTModel(nn.Module):
         self.num_layers = len(layers)
         self.max_positions = _max_positions(getattr(model, "config", None))
         if self.max_positions is not None and config.num_tokens >= self.max_positions:
-            raise ValueError(f"num_tokens={config.num_tokens} leaves no room for an instruction in the "
-                             f"{self.max_positions} positions of {type(model).__name__}")
+            raise ValueError(
+                f"num_tokens={config.num_tokens} leaves no room for an instruction in the "
+                f"{self.max_positions} positions of {type(model).__name__}"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         gen_dtype = torch.float64 if (param is not None and param.dtype == torch.float64) else torch.float32
-        self.generators = nn.ModuleList(
-            [self._make_generator(config) for _ in range(self.num_layers)]).to(device=device, dtype=gen_dtype)
+        self.generators = nn.ModuleList([self._make_generator(config) for _ in range(self.num_layers)]).to(
+            device=device, dtype=gen_dtype
+        )
         if config.share_projections:
             first = self.generators[0]
             for g in self.generators[1:]:
@@ -333,8 +353,10 @@ class IAPTModel(nn.Module):
         self._gen: _SlotState | None = None  # inside generate: the prompt's state
         self._gen_states: dict = {}
         self._gen_applied = False
-        self._handles = [layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
-                         for i, layer in enumerate(layers)]
+        self._handles = [
+            layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
         self._handles.append(model.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._backbone_post_hook))
         model._iapt_hooked = True
@@ -343,8 +365,15 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
-        args = (self.hidden_size, config.bottleneck_size, config.num_tokens, tuple(config.degrees),
-                config.activation_init, config.version, config.backend)
+        args = (
+            self.hidden_size,
+            config.bottleneck_size,
+            config.num_tokens,
+            tuple(config.degrees),
+            config.activation_init,
+            config.version,
+            config.backend,
+        )
         if config.num_tenants == 1:
             return PromptGenerator(*args)
         return MultiTenantPromptGenerator(config.num_tenants, *args)
@@ -381,7 +410,9 @@ class IAPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ----------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs
+    ) -> None:
         """Save the adapter to ``save_directory``, as :func:`iapt_kernels.save_iapt` does.
 
         Writes ``adapter_model.safetensors`` (the generators) and ``iapt_config.json`` (the
@@ -420,12 +451,15 @@ class IAPTModel(nn.Module):
             elif "hidden_states" in kwargs:
                 hidden = kwargs["hidden_states"]
             else:
-                raise RuntimeError(f"IAPT: cannot find the hidden states among the arguments of decoder "
-                                   f"layer {index} ({type(module).__name__})")
+                raise RuntimeError(
+                    f"IAPT: cannot find the hidden states among the arguments of decoder "
+                    f"layer {index} ({type(module).__name__})"
+                )
             if hidden.shape[:2] != state.instruction_mask.shape:
                 raise RuntimeError(
                     f"IAPT: decoder layer {index} got hidden states of shape {tuple(hidden.shape)} but the "
-                    f"instruction_mask has shape {tuple(state.instruction_mask.shape)}")
+                    f"instruction_mask has shape {tuple(state.instruction_mask.shape)}"
+                )
             new = self._replace(index, hidden, state)
             if args:
                 return (new,) + tuple(args[1:]), kwargs
@@ -478,9 +512,12 @@ class IAPTModel(nn.Module):
                 f"IAPT generate: a model call covers positions [{past}, {past + q}) of a prompt of length {S}. "
                 "The soft prompts are computed from the whole instruction in one call, so a call must start at "
                 "position 0 and cover the prompt, or start after it; do not pass a past_key_values that holds "
-                "only part of the prompt")
+                "only part of the prompt"
+            )
         if nb % B:
-            raise RuntimeError(f"IAPT generate: model call with batch {nb}, not a multiple of the {B} prompts")
+            raise RuntimeError(
+                f"IAPT generate: model call with batch {nb}, not a multiple of the {B} prompts"
+            )
         st = self._gen_states.get(nb)
         if st is None:
             st = base if nb == B else base.expand(nb // B, self.iapt_config.num_tenants)
@@ -495,30 +532,47 @@ class IAPTModel(nn.Module):
         return None
 
     # ----------------------------------------------------------------- inputs
-    def _make_state(self, input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds=None,
-                    labels=None):
+    def _make_state(
+        self,
+        input_ids,
+        attention_mask,
+        instruction_mask,
+        tenant_ids,
+        slot_mask,
+        inputs_embeds=None,
+        labels=None,
+    ):
         if instruction_mask is None:
-            raise ValueError("IAPT needs instruction_mask (B, S) bool, True on instruction tokens "
-                             "(see iapt_kernels.insert_prompt_slots)")
+            raise ValueError(
+                "IAPT needs instruction_mask (B, S) bool, True on instruction tokens "
+                "(see iapt_kernels.insert_prompt_slots)"
+            )
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
         shape = tuple(ref.shape[:2])
         if not torch.is_tensor(instruction_mask) or tuple(instruction_mask.shape) != shape:
-            got = tuple(instruction_mask.shape) if torch.is_tensor(instruction_mask) else type(instruction_mask).__name__
+            got = (
+                tuple(instruction_mask.shape)
+                if torch.is_tensor(instruction_mask)
+                else type(instruction_mask).__name__
+            )
             raise ValueError(f"instruction_mask must have shape {shape} like input_ids, got {got}")
         instruction_mask = instruction_mask.to(device=ref.device, dtype=torch.bool)
         if self.max_positions is not None and shape[1] > self.max_positions:
             raise ValueError(
                 f"sequence length {shape[1]} exceeds the {self.max_positions} positions of "
-                f"{type(self.model).__name__}: truncate, e.g. insert_prompt_slots(..., max_length={self.max_positions})")
+                f"{type(self.model).__name__}: truncate, e.g. insert_prompt_slots(..., max_length={self.max_positions})"
+            )
         if attention_mask is not None:
             if tuple(attention_mask.shape) != shape:
                 raise ValueError(f"attention_mask must have shape {shape}, got {tuple(attention_mask.shape)}")
             attended = attention_mask.to(ref.device).bool()
-            _require(~(instruction_mask & ~attended),
-                     "instruction_mask is True on padding (attention_mask 0): were padded tokenizer outputs "
-                     "passed as instructions? Build batches with insert_prompt_slots from unpadded ids")
+            _require(
+                ~(instruction_mask & ~attended),
+                "instruction_mask is True on padding (attention_mask 0): were padded tokenizer outputs "
+                "passed as instructions? Build batches with insert_prompt_slots from unpadded ids",
+            )
         T = self.iapt_config.num_tenants
         if tenant_ids is None and T > 1:
             raise ValueError(f"tenant_ids (B,) is required: this model has num_tenants={T}")
@@ -526,21 +580,30 @@ class IAPTModel(nn.Module):
             tenant_ids = torch.as_tensor(tenant_ids, device=ref.device).long().reshape(-1)
             if tenant_ids.shape[0] != shape[0]:
                 raise ValueError(f"tenant_ids must have shape ({shape[0]},), got {tuple(tenant_ids.shape)}")
-            _require((tenant_ids >= -1) & (tenant_ids < T), f"tenant_ids must be in [-1, {T}) (-1: no adapter)")
+            _require(
+                (tenant_ids >= -1) & (tenant_ids < T), f"tenant_ids must be in [-1, {T}) (-1: no adapter)"
+            )
         L = self.iapt_config.num_tokens
-        slot_index = slot_positions(instruction_mask, L, attention_mask,
-                                    None if slot_mask is None else slot_mask.to(ref.device))
+        slot_index = slot_positions(
+            instruction_mask, L, attention_mask, None if slot_mask is None else slot_mask.to(ref.device)
+        )
         fix = f"lay each row out as [instruction][{L} slot tokens][response] with insert_prompt_slots(num_tokens={L})"
         if slot_mask is not None:
-            _require(~instruction_mask.gather(1, slot_index), f"slot_mask is True on instruction tokens; {fix}")
+            _require(
+                ~instruction_mask.gather(1, slot_index), f"slot_mask is True on instruction tokens; {fix}"
+            )
         if attention_mask is not None:
-            _require(attended.gather(1, slot_index),
-                     f"slot positions fall on padding (attention_mask 0): fewer than {L} slot tokens after the "
-                     f"instruction? {fix}")
+            _require(
+                attended.gather(1, slot_index),
+                f"slot positions fall on padding (attention_mask 0): fewer than {L} slot tokens after the "
+                f"instruction? {fix}",
+            )
         if labels is not None and torch.is_tensor(labels) and tuple(labels.shape) == shape:
-            _require(labels.to(ref.device).gather(1, slot_index) == -100,
-                     f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
-                     f"after the instruction, so the prompts would overwrite response tokens; {fix}")
+            _require(
+                labels.to(ref.device).gather(1, slot_index) == -100,
+                f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
+                f"after the instruction, so the prompts would overwrite response tokens; {fix}",
+            )
         # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
         groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
@@ -552,8 +615,12 @@ class IAPTModel(nn.Module):
         (batched generation prompts) would sit at shifted positions: absolute-position models (GPT-2)
         then give other logits than the same row unpadded. Right-padded rows get ``0..S-1`` exactly.
         """
-        if (not self._position_ids_kw or attention_mask is None or kwargs.get("position_ids") is not None
-                or any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_position"))):
+        if (
+            not self._position_ids_kw
+            or attention_mask is None
+            or kwargs.get("position_ids") is not None
+            or any(kwargs.get(k) is not None for k in ("past_key_values", "cache", "cache_position"))
+        ):
             return
         att = attention_mask.bool()
         S = att.shape[1]
@@ -567,9 +634,11 @@ class IAPTModel(nn.Module):
         L = self.iapt_config.num_tokens
         tail = torch.arange(S - L, S, device=state.slot_index.device)
         if not bool((state.slot_index[free] == tail).all()):
-            raise ValueError("tenant -1 rows are generated on their instruction alone, which needs their slot "
-                             "tokens at the end of the row: pass left-padded prompts "
-                             "(insert_prompt_slots(..., padding_side='left'))")
+            raise ValueError(
+                "tenant -1 rows are generated on their instruction alone, which needs their slot "
+                "tokens at the end of the row: pass left-padded prompts "
+                "(insert_prompt_slots(..., padding_side='left'))"
+            )
         if attention_mask is None:
             attention_mask = torch.ones((B, S), dtype=torch.long, device=state.slot_index.device)
 
@@ -579,12 +648,24 @@ class IAPTModel(nn.Module):
         attention_mask = roll(attention_mask).clone()
         attention_mask[free, :L] = 0
         state = _SlotState(roll(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
-        return (None if input_ids is None else roll(input_ids), attention_mask,
-                None if inputs_embeds is None else roll(inputs_embeds), state)
+        return (
+            None if input_ids is None else roll(input_ids),
+            attention_mask,
+            None if inputs_embeds is None else roll(inputs_embeds),
+            state,
+        )
 
     # ----------------------------------------------------------------- public
-    def forward(self, input_ids=None, attention_mask=None, instruction_mask=None, tenant_ids=None, labels=None,
-                slot_mask=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        instruction_mask=None,
+        tenant_ids=None,
+        labels=None,
+        slot_mask=None,
+        **kwargs,
+    ):
         """Run the backbone with soft prompts at the slot positions of every layer.
 
         Everything except ``instruction_mask``, ``tenant_ids`` and ``slot_mask`` is passed to the
@@ -592,8 +673,15 @@ class IAPTModel(nn.Module):
         ``position_ids`` and without a cache, position ids that skip left padding are passed when
         the backbone takes them, so left- and right-padded rows give the same logits.
         """
-        state = self._make_state(input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask,
-                                 kwargs.get("inputs_embeds"), labels)
+        state = self._make_state(
+            input_ids,
+            attention_mask,
+            instruction_mask,
+            tenant_ids,
+            slot_mask,
+            kwargs.get("inputs_embeds"),
+            labels,
+        )
         if labels is not None:
             kwargs["labels"] = labels
         self._position_ids(attention_mask, kwargs)
@@ -613,8 +701,15 @@ class IAPTModel(nn.Module):
                 self._state = None
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, instruction_mask=None, tenant_ids=None,
-                 slot_mask=None, **kwargs):
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        instruction_mask=None,
+        tenant_ids=None,
+        slot_mask=None,
+        **kwargs,
+    ):
         """``model.generate`` with soft prompts wherever a model call covers the prompt.
 
         ``input_ids`` hold ``[instruction][L slots]`` per row (left padding for batches, see
@@ -625,17 +720,22 @@ class IAPTModel(nn.Module):
         alone (see :class:`IAPTModel`).
         """
         inputs_embeds = kwargs.pop("inputs_embeds", None)
-        state = self._make_state(input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds)
+        state = self._make_state(
+            input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds
+        )
         S = state.instruction_mask.shape[1]
         new = kwargs.get("max_new_tokens")
         if self.max_positions is not None and isinstance(new, int) and S + new > self.max_positions:
-            raise ValueError(f"a prompt of {S} tokens plus max_new_tokens={new} exceeds the {self.max_positions} "
-                             f"positions of {type(self.model).__name__}: lower max_new_tokens or truncate the prompt")
+            raise ValueError(
+                f"a prompt of {S} tokens plus max_new_tokens={new} exceeds the {self.max_positions} "
+                f"positions of {type(self.model).__name__}: lower max_new_tokens or truncate the prompt"
+            )
         if state.tenant_ids is not None:
             free = state.tenant_ids < 0
             if bool(free.any()):
                 input_ids, attention_mask, inputs_embeds, state = self._without_slots(
-                    free, input_ids, attention_mask, inputs_embeds, state)
+                    free, input_ids, attention_mask, inputs_embeds, state
+                )
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds
         self._state = None
@@ -643,16 +743,21 @@ class IAPTModel(nn.Module):
         try:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             if not self._gen_applied:
-                warnings.warn("IAPT generate: no model call covered the prompt from position 0 (a past_key_values "
-                              "holding the whole prompt?), so no soft prompts were applied", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    "IAPT generate: no model call covered the prompt from position 0 (a past_key_values "
+                    "holding the whole prompt?), so no soft prompts were applied",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return out
         finally:
             self._gen, self._gen_states, self._state = None, {}, None
 
     def extra_repr(self) -> str:
-        return (f"layers={self._layer_name!r} x {self.num_layers}, num_tokens={self.iapt_config.num_tokens}, "
-                f"num_tenants={self.iapt_config.num_tenants}")
+        return (
+            f"layers={self._layer_name!r} x {self.num_layers}, num_tokens={self.iapt_config.num_tokens}, "
+            f"num_tenants={self.iapt_config.num_tenants}"
+        )
 
 
 def apply_iapt(model: nn.Module, config: IAPTConfig | None = None, **overrides) -> IAPTModel:

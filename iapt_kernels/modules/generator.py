@@ -26,7 +26,15 @@ class PromptGenerator(_ReferencePromptGenerator):
 
     _check_backend = staticmethod(check_backend)
 
-    def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        return attention_pool(hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight,
-                              cu_seqlens=cu_seqlens, backend=self.backend)
+    def pooled(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return attention_pool(
+            hidden_states,
+            mask,
+            self.down.weight,
+            self.down.bias,
+            self.pool.weight,
+            cu_seqlens=cu_seqlens,
+            backend=self.backend,
+        )

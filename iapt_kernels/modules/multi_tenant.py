@@ -35,5 +35,12 @@ class MultiTenantPromptGenerator(_ReferenceMultiTenant):
         return PromptGenerator
 
     def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
-        return multi_tenant_generator(hidden_states, mask, groups, *self._stacked_weights(), version=self.version,
-                                      cu_seqlens=cu_seqlens, backend=self.backend)
+        return multi_tenant_generator(
+            hidden_states,
+            mask,
+            groups,
+            *self._stacked_weights(),
+            version=self.version,
+            cu_seqlens=cu_seqlens,
+            backend=self.backend,
+        )

@@ -10,5 +10,11 @@ from .generator import PromptGenerator
 from .multi_tenant import MultiTenantPromptGenerator, multi_tenant_generator
 from .rational import Rational, rational
 
-__all__ = ["rational", "Rational", "attention_pool", "PromptGenerator", "MultiTenantPromptGenerator",
-           "multi_tenant_generator"]
+__all__ = [
+    "rational",
+    "Rational",
+    "attention_pool",
+    "PromptGenerator",
+    "MultiTenantPromptGenerator",
+    "multi_tenant_generator",
+]

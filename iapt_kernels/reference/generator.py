@@ -50,8 +50,11 @@ class PromptGenerator(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("bottleneck_size", bottleneck_size),
-                            ("num_tokens", num_tokens)):
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("bottleneck_size", bottleneck_size),
+            ("num_tokens", num_tokens),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.hidden_size, self.bottleneck_size, self.num_tokens = hidden_size, bottleneck_size, num_tokens
@@ -68,18 +71,27 @@ class PromptGenerator(nn.Module):
         check_backend(backend, REFERENCE_BACKENDS, "reference.PromptGenerator")
         return "reference"
 
-    def pooled(self, hidden_states: torch.Tensor, mask: torch.Tensor | None,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``U (B, L, r)``: the pooled bottleneck features, before the activation."""
-        return attention_pool(hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight,
-                              cu_seqlens=cu_seqlens)
+        return attention_pool(
+            hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight, cu_seqlens=cu_seqlens
+        )
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, *,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Prompts ``P (B, L, d)`` from hidden states ``(B, S, d)`` and an instruction mask ``(B, S)``,
         or from packed ``(N, d)`` instruction tokens with ``cu_seqlens``."""
         return F.linear(self.act(self.pooled(hidden_states, mask, cu_seqlens)), self.up.weight, self.up.bias)
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
-                f"num_tokens={self.num_tokens}, backend={self.backend!r}")
+        return (
+            f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
+            f"num_tokens={self.num_tokens}, backend={self.backend!r}"
+        )

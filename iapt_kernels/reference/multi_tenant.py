@@ -28,14 +28,20 @@ def request_rows(mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, ind
     if cu_seqlens is None:
         return index, mask.index_select(0, index), None
     starts, ends = cu_seqlens[:-1].long()[index], cu_seqlens[1:].long()[index]
-    rows = torch.cat([torch.arange(s, e, device=index.device) for s, e in zip(starts.tolist(), ends.tolist())]
-                     + [torch.zeros(0, dtype=torch.long, device=index.device)])
+    rows = torch.cat(
+        [torch.arange(s, e, device=index.device) for s, e in zip(starts.tolist(), ends.tolist())]
+        + [torch.zeros(0, dtype=torch.long, device=index.device)]
+    )
     sub_cu = torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(ends - starts, 0).to(cu_seqlens.dtype)])
     return rows, None, sub_cu
 
 
-def select_requests(hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                    index: torch.Tensor):
+def select_requests(
+    hidden_states: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    index: torch.Tensor,
+):
     """The sub-batch of requests `index`: `(hidden_states, mask, cu_seqlens)` in the caller's layout."""
     rows, sub_mask, sub_cu = request_rows(mask, cu_seqlens, index)
     return hidden_states.index_select(0, rows), sub_mask, sub_cu
@@ -58,9 +64,21 @@ def multi_tenant_generator(
 ) -> torch.Tensor:
     """``P (B, L, d)`` of stacked generators (as :func:`iapt_kernels.functional.multi_tenant_generator`):
     each present tenant's sub-batch through the single-tenant reference; rows of tenant -1 are 0."""
-    _, d, _, L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, groups.num_tenants, groups.batch_size,
-                                           down_weight, down_bias, pool_weight, numerator, denominator, up_weight,
-                                           up_bias, version)
+    _, d, _, L = check_multi_tenant_inputs(
+        hidden_states,
+        mask,
+        cu_seqlens,
+        groups.num_tenants,
+        groups.batch_size,
+        down_weight,
+        down_bias,
+        pool_weight,
+        numerator,
+        denominator,
+        up_weight,
+        up_bias,
+        version,
+    )
     out = hidden_states.new_zeros((groups.batch_size, L, d))
     for t, index in groups.segments():
         h, m, cu = select_requests(hidden_states, mask, cu_seqlens, index)
@@ -111,23 +129,34 @@ class MultiTenantPromptGenerator(nn.Module):
         if not isinstance(num_tenants, int) or isinstance(num_tenants, bool) or num_tenants < 1:
             raise ValueError(f"num_tenants must be a positive int, got {num_tenants!r}")
         self.backend = self._check_backend(backend)
-        gens = [PromptGenerator(hidden_size, bottleneck_size, num_tokens, degrees, activation_init, version)
-                for _ in range(num_tenants)]
+        gens = [
+            PromptGenerator(hidden_size, bottleneck_size, num_tokens, degrees, activation_init, version)
+            for _ in range(num_tenants)
+        ]
         self._adopt(gens)
 
     def _adopt(self, gens) -> None:
         first = gens[0]
         self.num_tenants = len(gens)
-        self.hidden_size, self.bottleneck_size, self.num_tokens = first.hidden_size, first.bottleneck_size, first.num_tokens
-        self.degrees, self.version, self.activation_init = first.act.degrees, first.act.version, first.act.init
+        self.hidden_size, self.bottleneck_size, self.num_tokens = (
+            first.hidden_size,
+            first.bottleneck_size,
+            first.num_tokens,
+        )
+        self.degrees, self.version, self.activation_init = (
+            first.act.degrees,
+            first.act.version,
+            first.act.init,
+        )
 
         def stack(get):
             return torch.stack([get(g).detach() for g in gens]).clone()
 
         self.down = _Stacked(weight=stack(lambda g: g.down.weight), bias=stack(lambda g: g.down.bias))
         self.pool = _Stacked(weight=stack(lambda g: g.pool.weight))
-        self.act = _Stacked(numerator=stack(lambda g: g.act.numerator[0]),
-                            denominator=stack(lambda g: g.act.denominator[0]))
+        self.act = _Stacked(
+            numerator=stack(lambda g: g.act.numerator[0]), denominator=stack(lambda g: g.act.denominator[0])
+        )
         self.up = _Stacked(weight=stack(lambda g: g.up.weight), bias=stack(lambda g: g.up.bias))
 
     @staticmethod
@@ -149,7 +178,12 @@ class MultiTenantPromptGenerator(nn.Module):
             if not isinstance(g, PromptGenerator):
                 raise TypeError(f"generators[{i}] is a {type(g).__name__}, not a PromptGenerator")
             same = (g.hidden_size, g.bottleneck_size, g.num_tokens, g.act.degrees, g.act.version) == (
-                first.hidden_size, first.bottleneck_size, first.num_tokens, first.act.degrees, first.act.version)
+                first.hidden_size,
+                first.bottleneck_size,
+                first.num_tokens,
+                first.act.degrees,
+                first.act.version,
+            )
             if not same:
                 raise ValueError(f"generators[{i}] differs in configuration from generators[0]")
             if g.act.numerator.shape[0] != 1:
@@ -165,8 +199,15 @@ class MultiTenantPromptGenerator(nn.Module):
         """Tenant ``tenant`` as a single-tenant ``PromptGenerator`` (a copy, exactly equal)."""
         if not 0 <= tenant < self.num_tenants:
             raise ValueError(f"tenant must be in [0, {self.num_tenants}), got {tenant}")
-        gen = self._single_cls()(self.hidden_size, self.bottleneck_size, self.num_tokens, self.degrees,
-                                 self.activation_init, self.version, backend=self.backend)
+        gen = self._single_cls()(
+            self.hidden_size,
+            self.bottleneck_size,
+            self.num_tokens,
+            self.degrees,
+            self.activation_init,
+            self.version,
+            backend=self.backend,
+        )
         gen = gen.to(device=self.down.weight.device, dtype=self.down.weight.dtype)
         with torch.no_grad():
             for name, p in gen.named_parameters():
@@ -210,37 +251,56 @@ class MultiTenantPromptGenerator(nn.Module):
         """
         if groups is None:
             if tenant_ids is None:
-                raise ValueError("pass tenant_ids (B,) or a prebuilt groups=TenantGroups.build(tenant_ids, T)")
+                raise ValueError(
+                    "pass tenant_ids (B,) or a prebuilt groups=TenantGroups.build(tenant_ids, T)"
+                )
             groups = TenantGroups.build(tenant_ids, self.num_tenants)  # the one check of the ids
         else:
             if groups.num_tenants != self.num_tenants:
-                raise ValueError(f"groups were built for {groups.num_tenants} tenants, the generator has "
-                                 f"{self.num_tenants}")
+                raise ValueError(
+                    f"groups were built for {groups.num_tenants} tenants, the generator has "
+                    f"{self.num_tenants}"
+                )
             if tenant_ids is not None and not torch.equal(tenant_ids.long(), groups.tenant_ids):
                 raise ValueError("tenant_ids disagree with the tenant_ids the groups were built from")
         if slot_index is not None and cu_seqlens is not None:
-            raise ValueError("slot_index writes into padded (B, S, d) hidden_states; the packed layout "
-                             "has no slot positions")
+            raise ValueError(
+                "slot_index writes into padded (B, S, d) hidden_states; the packed layout "
+                "has no slot positions"
+            )
         # Validates the inputs against the weights and the groups (batch size) before any kernel runs.
         prompts = self._prompts(hidden_states, mask, cu_seqlens, groups)
         if slot_index is None:
             return prompts
-        check_slot_index(slot_index, mask, groups.batch_size, hidden_states.shape[1], self.num_tokens,
-                         hidden_states.device)
+        check_slot_index(
+            slot_index, mask, groups.batch_size, hidden_states.shape[1], self.num_tokens, hidden_states.device
+        )
         active = groups.order.long()
         with torch.no_grad() if not hidden_states.requires_grad else torch.enable_grad():
-            hidden_states.index_put_((active[:, None], slot_index[active]), prompts[active].to(hidden_states.dtype))
+            hidden_states.index_put_(
+                (active[:, None], slot_index[active]), prompts[active].to(hidden_states.dtype)
+            )
         return hidden_states
 
     def _stacked_weights(self) -> tuple[torch.Tensor, ...]:
-        return (self.down.weight, self.down.bias, self.pool.weight, self.act.numerator, self.act.denominator,
-                self.up.weight, self.up.bias)
+        return (
+            self.down.weight,
+            self.down.bias,
+            self.pool.weight,
+            self.act.numerator,
+            self.act.denominator,
+            self.up.weight,
+            self.up.bias,
+        )
 
     def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
         """``P (B, L, d)``: each present tenant's sub-batch through the single-tenant reference."""
-        return multi_tenant_generator(hidden_states, mask, groups, *self._stacked_weights(), version=self.version,
-                                      cu_seqlens=cu_seqlens)
+        return multi_tenant_generator(
+            hidden_states, mask, groups, *self._stacked_weights(), version=self.version, cu_seqlens=cu_seqlens
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_tenants={self.num_tenants}, hidden_size={self.hidden_size}, "
-                f"bottleneck_size={self.bottleneck_size}, num_tokens={self.num_tokens}, backend={self.backend!r}")
+        return (
+            f"num_tenants={self.num_tenants}, hidden_size={self.hidden_size}, "
+            f"bottleneck_size={self.bottleneck_size}, num_tokens={self.num_tokens}, backend={self.backend!r}"
+        )
