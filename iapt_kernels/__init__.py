@@ -1,8 +1,8 @@
 """iapt_kernels: fused kernels for IAPT (Instruction-Aware Prompt Tuning).
 
 Public API:
-    rational, Rational, rational_init, attention_pool, PromptGenerator, MultiTenantPromptGenerator,
-    TenantGroups, available_backends, and for Hugging Face models IAPTConfig, IAPTModel, apply_iapt,
+    rational, Rational, rational_init, attention_pool, multi_tenant_generator, PromptGenerator,
+    MultiTenantPromptGenerator, TenantGroups, available_backends, and for Hugging Face models IAPTConfig, IAPTModel, apply_iapt,
     insert_prompt_slots, save_iapt, load_iapt, IAPTDataCollator (transformers is imported lazily)
 
 Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
@@ -30,6 +30,7 @@ from .tenants import TenantGroups
 _KERNEL_LAYER = {
     "rational": "functional",
     "attention_pool": "functional",
+    "multi_tenant_generator": "functional",
     "Rational": "modules",
     "PromptGenerator": "modules",
     "MultiTenantPromptGenerator": "modules",
@@ -47,6 +48,7 @@ __all__ = [
     "Rational",
     "rational_init",
     "attention_pool",
+    "multi_tenant_generator",
     "PromptGenerator",
     "available_backends",
     "reference",

@@ -78,8 +78,10 @@ class SyntheticTask:
         return {"task": "max_min_digit", "min_len": self.min_len, "max_len": self.max_len}
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2):
-    """A tiny randomly initialised ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads).
+def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2, **config):
+    """A tiny randomly initialised ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads, the synthetic
+    task's special tokens); ``config`` overrides any ``LlamaConfig`` field (the serving benchmark and the
+    tests build their models here too).
 
     Weights are drawn with std ``initializer_range`` = 0.2, not Hugging Face's 0.02: with 0.02 the frozen
     output head of a random model gives near-uniform logits whatever the soft prompts do, so the loss
@@ -88,7 +90,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    fields = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -101,7 +103,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2):
         pad_token_id=SyntheticTask.PAD,
         initializer_range=initializer_range,
     )
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config}))
 
 
 DEFAULTS = {"steps": 1000, "batch_size": 32, "lr": 1e-2, "bottleneck": 64}  # the built-in demo's, see README

@@ -13,6 +13,7 @@ from helpers import rel_err
 from test_integration import HAS_MT, INSTR, RESP, L, batch, tiny_model, wrap
 
 import iapt_kernels as ik
+from iapt_kernels.train import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -324,11 +325,9 @@ def test_no_host_sync_per_layer_on_cuda(tenants):
 
     counts = []
     for layers in (2, 4):
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                       max_position_embeddings=128, pad_token_id=0)
-        w = wrap(transformers.LlamaForCausalLM(cfg).cuda(), num_tenants=tenants)
+        model = tiny_llama(128, initializer_range=0.02, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+        w = wrap(model.cuda(), num_tenants=tenants)
         b = {k: v.cuda() for k, v in batch("right").items()}
         kw = {"tenant_ids": torch.tensor([0, 2, -1], device="cuda")} if tenants > 1 else {}
         w(**b, **kw).loss.backward()  # warm-up: kernel compilation, allocator

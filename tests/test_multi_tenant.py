@@ -337,3 +337,20 @@ def test_bad_input(backend, device):
         mod(h, mask)
     with pytest.raises(ValueError, match="num_tenants"):
         iapt_kernels.MultiTenantPromptGenerator(0, D, R, L)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_functional_entry_is_the_module_op(backend):
+    """`iapt_kernels.multi_tenant_generator` on a module's stacked weights gives the module's prompts,
+    and checks the stacked shapes against the batch once."""
+    mod = iapt_kernels.MultiTenantPromptGenerator(3, 16, 8, 4, backend=backend)
+    h = torch.randn(4, 6, 16)
+    mask = torch.rand(4, 6) < 0.7
+    groups = TenantGroups.build(torch.tensor([2, -1, 0, 2]), 3)
+    weights = [mod.get_parameter(name) for name in PARAMS]
+    p = iapt_kernels.multi_tenant_generator(h, mask, groups, *weights, backend=backend)
+    assert torch.equal(p, mod(h, mask, groups=groups))
+    with pytest.raises(ValueError, match="up_weight must be stacked"):
+        iapt_kernels.multi_tenant_generator(h, mask, groups, *weights[:5], weights[5][:2], weights[6])
+    with pytest.raises(ValueError, match="4 entries but the batch has 3"):
+        iapt_kernels.multi_tenant_generator(h[:3], mask[:3], groups, *weights)

@@ -25,6 +25,7 @@ import torch
 
 import iapt_kernels
 from iapt_kernels import _backend, reference
+from iapt_kernels.train import tiny_llama
 
 TENANTS = (1, 2, 4, 8, 16)
 
@@ -65,23 +66,21 @@ class E2EConfig:
 
 def build_model(cfg: E2EConfig):
     """The tiny random Llama (fp32, eval, no EOS so every request decodes `new_tokens`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
+    model = tiny_llama(
+        cfg.vocab_size,
+        seed=cfg.seed,
+        initializer_range=0.02,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        vocab_size=cfg.vocab_size,
         max_position_embeddings=max(512, cfg.prompt_len + cfg.num_tokens + cfg.new_tokens + 8),
         bos_token_id=1,
         eos_token_id=None,
         pad_token_id=0,
         tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
