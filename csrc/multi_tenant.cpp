@@ -32,6 +32,7 @@
  *    slices are only zero-filled (no arithmetic, no pass over their weights).
  */
 
+#include "common.h"
 #include "ops.h"
 #include "pool_pass.h"
 
@@ -389,15 +390,6 @@ void run_bwd(const char* fn, const Groups& g, const at::Tensor& gp_in, const at:
   outs = {gh, gwd, gbd, gwp, gnum, gden, gwu, gbu};
 }
 
-#define IAPT_MT_DISPATCH(ST, FN, ...)                                                   \
-  switch (ST) {                                                                       \
-    case at::kFloat: FN<float>(__VA_ARGS__); break;                                   \
-    case at::kDouble: FN<double>(__VA_ARGS__); break;                                 \
-    case at::kHalf: FN<c10::Half>(__VA_ARGS__); break;                                \
-    case at::kBFloat16: FN<c10::BFloat16>(__VA_ARGS__); break;                        \
-    default: TORCH_CHECK(false, "multi_tenant_generator: unsupported dtype ", ST);    \
-  }
-
 // Shapes and dtypes of the stacked weights; returns (T, r, d, L).
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_weights(const char* fn, const at::Tensor& h,
                                                              const at::Tensor& wd, const at::Tensor& wp,
@@ -409,7 +401,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_weights(const char* fn, con
               T, ", L, ", r, "), got ", wp.sizes());
   const int64_t L = wp.size(1);
   const auto st = h.scalar_type();
-  const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;
+  const auto ct = compute_type(st);
   check_stacked(fn, wd, "down_weight", {T, r, d}, st);
   check_stacked(fn, wp, "pool_weight", {T, L, r}, st);
   check_stacked(fn, wu, "up_weight", {T, d, r}, st);
@@ -437,7 +429,7 @@ std::vector<at::Tensor> multi_tenant_generator_fwd(
   const int64_t B = packed ? cu_seqlens->numel() - 1 : (h.dim() == 3 ? h.size(0) : 0);
   const Groups g = read_groups(fn, B, T, order, seg_start, seg_tenant);
   std::vector<at::Tensor> outs;
-  IAPT_MT_DISPATCH(h.scalar_type(), run_fwd, fn, g, h, mask, cu_seqlens, max_seqlen, down_weight, down_bias,
+  IAPT_DISPATCH_FLOATING(h.scalar_type(), "multi_tenant_generator", run_fwd, fn, g, h, mask, cu_seqlens, max_seqlen, down_weight, down_bias,
                    pool_weight, numerator, denominator, up_weight, up_bias, version_b, outs);
   return outs;
 }
@@ -455,7 +447,7 @@ std::vector<at::Tensor> multi_tenant_generator_bwd(
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   const int64_t B = packed ? cu_seqlens->numel() - 1 : (h.dim() == 3 ? h.size(0) : 0);
   const Groups g = read_groups(fn, B, T, order, seg_start, seg_tenant);
-  const auto ct = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto ct = compute_type(h.scalar_type());
   TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 3 && grad.size(0) == B && grad.size(1) == L &&
                   grad.size(2) == d, fn, ": grad must be (B, L, d) = (", B, ", ", L, ", ", d, "), got ",
               grad.sizes());
@@ -467,7 +459,7 @@ std::vector<at::Tensor> multi_tenant_generator_bwd(
                   pool_product.size(1) == d && pool_product.size(2) == L, fn,
               ": pool_product must be the forward's (K, d, L) = (", g.K, ", ", d, ", ", L, ")");
   std::vector<at::Tensor> outs;
-  IAPT_MT_DISPATCH(h.scalar_type(), run_bwd, fn, g, grad, h, mask, cu_seqlens, max_seqlen, down_weight,
+  IAPT_DISPATCH_FLOATING(h.scalar_type(), "multi_tenant_generator", run_bwd, fn, g, grad, h, mask, cu_seqlens, max_seqlen, down_weight,
                    pool_weight, numerator, denominator, up_weight, a.contiguous(), z.contiguous(), u, g_act,
                    n, pool_product, version_b, outs);
   return outs;
