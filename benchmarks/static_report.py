@@ -1,7 +1,7 @@
 """Static GPU report: compile every Triton kernel ahead of time, with no GPU, and read the cubin.
 
     python benchmarks/static_report.py --arch 80 90 --json report.json [--scope all|quick|sample] [--jobs 2]
-        [--ops rational attention_pool multi_tenant_generator]
+        [--ops rational attention_pool multi_tenant_generator] [--where KEY=VALUE ...]
 
 For each kernel at each configuration its launcher can use (`launch_configs()` in each `ops/` module),
 compile for the requested architectures through `triton.compile` (no driver needed), then read
@@ -57,7 +57,7 @@ def ctas_per_sm(arch: int, registers: int, shared_bytes: int, num_warps: int) ->
 OPS = ("rational", "attention_pool", "multi_tenant_generator")
 
 
-def _configs(scope: str, ops=OPS):
+def _configs(scope: str, ops=OPS, where=()):
     """Launch configurations of every op in `ops`. `scope`: "all" (every config a launcher can use),
     "quick" (rational degrees at four corners only), "sample" (a few representative configs, for the
     test)."""
@@ -67,6 +67,8 @@ def _configs(scope: str, ops=OPS):
     specs = [spec for op in ops for spec in importlib.import_module(f"iapt_kernels.ops.{op}").launch_configs()]
     for spec in specs:
         cfg = spec["config"]
+        if any(str(cfg.get(key)) != value for key, value in where):
+            continue
         if scope == "quick" and "degrees" in cfg and tuple(cfg["degrees"]) not in corners:
             continue
         if scope == "sample":
@@ -104,12 +106,12 @@ def count_instructions(sass: str) -> dict[str, int]:
 
 
 def compile_one(args):
-    spec_index, arch, scope, ops = args
+    spec_index, arch, scope, ops, where = args
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = list(_configs(scope, ops))[spec_index]
+    spec = list(_configs(scope, ops, where))[spec_index]
     fn = spec["kernel"]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -149,9 +151,12 @@ def compile_one(args):
     }
 
 
-def build_report(archs, scope="all", jobs=2, progress=True, ops=OPS):
-    n = len(list(_configs(scope, ops)))
-    work = [(i, arch, scope, tuple(ops)) for arch in archs for i in range(n)]
+def build_report(archs, scope="all", jobs=2, progress=True, ops=OPS, where=()):
+    """Compile every config of `ops` in `scope` (and matching every `(key, value)` of `where` in its
+    `config`) for each of `archs`; one record per (config, arch)."""
+    where = tuple(where)
+    n = len(list(_configs(scope, ops, where)))
+    work = [(i, arch, scope, tuple(ops), where) for arch in archs for i in range(n)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         results = pool.map(compile_one, work, chunksize=8)
         if progress:
@@ -221,11 +226,18 @@ def main(argv=None) -> int:
                    help="all: every config (default); quick: rational degrees (1,1), (3,2), (5,4), (8,8) only; "
                         "sample: a few representative configs")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops' kernels (default: all)")
+    p.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="only configs whose `config` has these values, e.g. default=False (the autotune "
+                        "members beside each launcher's default) or dtype=bf16")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress, ops=args.ops)
+    where = [tuple(w.split("=", 1)) for w in args.where]
+    if any(len(w) != 2 for w in where):
+        p.error(f"--where takes KEY=VALUE, got {args.where}")
+    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress, ops=args.ops,
+                           where=where)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -131,6 +131,69 @@ def test_max_seqlen_shorter_than_a_sequence_is_an_error(backend, device):
         ap.stream_fwd(h, None, cu, 5, wdp, wp @ bd)
 
 
+# --------------------------------------------------------------------------- the autotune set
+
+
+def test_autotune_members_share_tiles_and_are_all_in_the_static_report():
+    """Every member streams the same tiles and chunks (so sums run in the same order over d and over
+    chunks); the default comes first; the static report compiles every member of every kernel that
+    streams H."""
+    specs = [s for s in ap.launch_configs() if s["h_stage_bytes"]]
+    for l_pad in (16, 32, 64):
+        members = ap.stream_configs(l_pad)
+        assert members[0] == dict(num_warps=ap.NUM_WARPS, num_stages=ap.pipeline_stages(l_pad))
+        assert len(members) == len({tuple(m.items()) for m in members}) >= 2
+        for name in ("_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel"):
+            for io in ("fp32", "fp16", "bf16", "fp64"):
+                got = [(s["num_warps"], s["num_stages"]) for s in specs if s["name"] == name
+                       and s["config"]["L_PAD"] == l_pad and s["config"]["dtype"] == io
+                       and not s["config"]["packed"] and not s["config"]["multi_tenant"]]
+                assert got == [(m["num_warps"], m["num_stages"]) for m in members]
+                assert len({s["constexprs"]["BLOCK_D"] for s in specs if s["name"] == name
+                            and s["config"]["L_PAD"] == l_pad and s["config"]["dtype"] == io}) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter runs the default member)")
+@pytest.mark.parametrize("member", range(3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_autotune_member_matches_the_reference(member, dtype, monkeypatch):
+    """Each member alone (the tuner sees only it), padded and packed, against the float64 reference."""
+    members = ap.stream_configs(16)
+    if member >= len(members):
+        pytest.skip("fewer members at L_PAD 16")
+    monkeypatch.setattr(ap, "stream_configs", lambda l_pad: [members[member]])
+    monkeypatch.setattr(ap, "_TUNED", {})
+    B, S, d, r, L = 3, 200, 96, 8, 4
+    gen = _seed("member", member, dtype)
+    weights = _weights(d, r, L, gen, dtype)
+    h = torch.randn(B, S, d, generator=gen).to(dtype)
+    mask = torch.rand(B, S, generator=gen) < 0.7
+    _check_against_reference(h, mask, weights, gen, TOLERANCE[dtype], f"member {members[member]}", device="cuda")
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = mask.sum(1).cumsum(0)
+    _check_against_reference(h[mask], None, weights, gen, TOLERANCE[dtype], f"member {members[member]} packed",
+                             cu_seqlens=cu, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the tuner runs on CUDA only)")
+def test_tuned_launches_repeat_bit_for_bit(monkeypatch):
+    """The first call times the members and keeps one; later calls give the same bits."""
+    monkeypatch.setattr(ap, "_TUNED", {})
+    monkeypatch.setenv("IAPT_AUTOTUNE", "1")
+    B, S, d, r, L = 2, 300, 128, 16, 4
+    gen = _seed("tuned")
+    weights = _weights(d, r, L, gen)
+    h = torch.randn(B, S, d, generator=gen)
+    mask = torch.rand(B, S, generator=gen) < 0.8
+    grad = torch.rand(B, L, r, generator=gen)
+    first, second = (_run(h, mask, weights, grad, device="cuda") for _ in range(2))
+    assert ap._TUNED, "no launch went through the tuner"
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
 # --------------------------------------------------------------------------- traffic
 
 

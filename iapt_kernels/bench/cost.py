@@ -218,7 +218,8 @@ def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: 
     (a subtraction and an exp on (B, S, L)); `mask.any` and its cast give n;
     `baddbmm(n bd, Z, Wd^T)` writes U (B, L, r).
 
-    Backward: Wdp again, gZ = gU Wd (B, L, d); delta = <Z, gZ> (a product and a float64 sum, then a
+    Backward: gZ = gU Wd (B, L, d) and Wdp^T = Wp Wd as one product [gU; Wp] Wd (a cat, one mm reading
+    Wd once, a transposed copy of Wdp); delta = <Z, gZ> (a product and a float64 sum, then a
     cast); `_attention_pool_bwd_kernel` reads the mask, H's instruction rows once, A, gZ, Wdp and
     delta, writes gH (every row of the padded layout) and per-program gWdp partials and sums of
     A gA; the sum over chunks, the delta correction (Z (delta - sum A gA): a few (B, L, d) ops), the
@@ -236,8 +237,9 @@ def _pool_fused(B: int, S: int, d: int, r: int, L: int, s: int, f: float, mode: 
     launches = 12
     if mode == "fwd+bwd":
         gu = B * L * r * C
-        nbytes += wd + L * r * C + d * L * C  # Wdp
-        nbytes += gu + wd + ld  # gZ
+        nbytes += 2 * (gu + L * r * C)  # cat [gU; Wp]
+        nbytes += gu + L * r * C + wd + ld + d * L * C  # [gZ; Wdp^T] = [gU; Wp] Wd
+        nbytes += 2 * d * L * C  # Wdp, contiguous
         nbytes += _stream_bwd_bytes(B, S, d, L, s, f, d * L * C)
         nbytes += ld + d * L * C  # sum over sequences
         nbytes += 2 * (gu + L * r * C) + 2 * (ld + d * L * C) + wd  # cats and the gWd mm

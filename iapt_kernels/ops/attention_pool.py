@@ -33,7 +33,8 @@ touches; `_attention_pool_combine_kernel` then merges the chunks of each sequenc
 (log-sum-exp: `Z = sum_c exp(m_c - M) Z_c / sum_c exp(m_c - M) l_c`) and writes `Z` and the
 log-sum-exp per (sequence, token); `A = exp(E - lse)` is a small elementwise op on `(B, S, L)`.
 
-Backward: `delta = <Z, gZ>` comes first, from the saved `Z` (summed in float64). One program
+Backward: `gZ = gU Wd` and `Wdp^T = Wp Wd` come from one product `[gU; Wp] Wd`, so the `(r, d)`
+weight is read once for both; `delta = <Z, gZ>` follows, from the saved `Z` (summed in float64). One program
 per (sequence, chunk) then reads each block of rows for `gA = H gZ^T` (first sweep over `d`), forms
 `gE = A (gA - delta)`, and in a second sweep over the same (L2-hot) rows writes `gH = A gZ + gE Wdp^T`
 once and folds `H^T gE` into a per-program `gWdp` partial. Partials are summed over chunks in a fixed
@@ -49,7 +50,9 @@ zero partials), so no program walks to `max_seqlen`.
 
 The loops over `d` are `tl.range(..., num_stages=NUM_STAGES)` around `tl.dot`, which Triton software-
 pipelines (cp.async, `LDGSTS`, on sm_80 and sm_90: see the static report); L is padded to 16 for the
-tensor-core shapes. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
+tensor-core shapes. The two kernels that stream H are tuned over a small set (`stream_configs`: 4 or 8
+warps, one more pipeline stage at L <= 16) with tiles and chunks fixed, timed once per shape on CUDA
+(`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
 rows are converted to fp32 and multiplied at "tf32x3" (a bf16 or fp16 value is exact in TF32, the
 fp32 weights are split in two), so every input dtype keeps fp32 accumulation. No atomics: every
 reduction has a fixed order and results are bitwise reproducible. Masked positions are never loaded,
@@ -61,6 +64,7 @@ mask, or packed `(N, d)` with `cu_seqlens`; the multi-tenant generator runs them
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 import triton
@@ -89,6 +93,19 @@ def pipeline_stages(l_pad: int) -> int:
     """Pipeline depth over d: NUM_STAGES, but 2 at L_PAD = 64, where three stages of the backward's
     tiles would need more than sm_80's 163 KiB of shared memory per block."""
     return NUM_STAGES if l_pad < 64 else 2
+
+
+def stream_configs(l_pad: int) -> list[dict]:
+    """The autotune set of the two kernels that stream H: `(num_warps, num_stages)` pairs, the first
+    the default. Tiles (`block_sizes`) and chunks (`chunk_size`) are the same for every member, so the
+    order of every sum over d and over chunks is too; members differ in how a block's rows are spread
+    over threads (8 warps: half the registers a thread, so more CTAs per SM where registers bound it)
+    and in pipeline depth (one more stage in flight where shared memory allows it)."""
+    stages = pipeline_stages(l_pad)
+    configs = [dict(num_warps=NUM_WARPS, num_stages=stages), dict(num_warps=2 * NUM_WARPS, num_stages=stages)]
+    if l_pad == 16:
+        configs.append(dict(num_warps=NUM_WARPS, num_stages=stages + 1))
+    return configs
 
 
 def chunk_size(programs_per_chunk: int, S: int, block_s: int = BLOCK_S) -> int:
@@ -347,11 +364,12 @@ def stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c, requests=None):
         nchunk = triton.cdiv(S, chunk)
         zp = torch.empty((rows, nchunk, L, D), dtype=cdt, device=h.device)
         st = torch.empty((rows, nchunk, 2, meta["L_PAD"]), dtype=cdt, device=h.device)
-        _attention_pool_fwd_kernel[(rows, nchunk)](h, *args, wdp, c, e, zp, st, S, D, L, chunk, **meta)
+        _launch_stream(_attention_pool_fwd_kernel, (rows, nchunk), (h, *args, wdp, c, e, zp, st, S, D, L, chunk),
+                       meta, (h.dtype, D, S, rows, chunk))
         _attention_pool_combine_kernel[(rows, triton.cdiv(D, meta["BLOCK_D"]))](
             args[1], args[2], args[3], zp, st, z, lse, S, D, L, chunk, nchunk, PACKED=meta["PACKED"],
             HAS_ORDER=meta["HAS_ORDER"], L_PAD=meta["L_PAD"], BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS,
-            num_stages=meta["num_stages"])
+            num_stages=pipeline_stages(meta["L_PAD"]))
     elif rows > 0:
         z.zero_()  # S = 0: every sequence is empty
     a = torch.exp(e - lse[:, None, :])  # exp(-inf - lse) = 0 at masked positions; lse is finite there
@@ -379,7 +397,8 @@ def stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=None, *, z)
     nchunk = triton.cdiv(S, chunk)
     gw = torch.empty((rows, nchunk, L, D), dtype=cdt, device=h.device)
     ds = torch.empty((rows, nchunk, meta["L_PAD"]), dtype=cdt, device=h.device)
-    _attention_pool_bwd_kernel[(rows, nchunk)](h, *args, a, gz, wdp, delta, gh, gw, ds, S, D, L, chunk, **meta)
+    _launch_stream(_attention_pool_bwd_kernel, (rows, nchunk),
+                   (h, *args, a, gz, wdp, delta, gh, gw, ds, S, D, L, chunk), meta, (h.dtype, D, S, rows, chunk))
     # The chunk partials in chunk order, then Z (delta - sum_s A gA): gWdp of gE = A (gA - sum_s A gA),
     # the sums also in chunk order (csrc/attention_pool.cpp, bwd_finish).
     corr = delta - ds[:, :, :L].sum(dim=1, dtype=torch.float64).to(cdt)
@@ -399,11 +418,45 @@ def _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests):
         order, wsel = requests
         rows = order.numel()
     l_pad, block_s, block_d = block_sizes(L, h.element_size())
-    stages = pipeline_stages(l_pad)
     meta = dict(PACKED=packed, HAS_ORDER=requests is not None, L_PAD=l_pad, BLOCK_S=block_s,
-                BLOCK_D=block_d, NUM_STAGES=stages, PRECISION=precision(h.dtype), num_warps=NUM_WARPS,
-                num_stages=stages)
+                BLOCK_D=block_d, PRECISION=precision(h.dtype))
     return B, S, D, L, rows, (mask_arg, cu_arg, order, wsel), chunk_size(max(rows, 1), S), meta
+
+
+_TUNED: dict = {}
+
+
+def _launch_stream(kernel, grid, args, meta, shape_key):
+    """Launch a kernel that streams H with a member of `stream_configs`. On CUDA the first launch of
+    each (kernel, device, constexprs, shape) times every member once (`do_bench`, a few ms) and keeps
+    the fastest for the process; both kernels only overwrite their outputs, so the timing runs leave
+    them as one launch would. The interpreter, a CUDA graph capture and `IAPT_AUTOTUNE=0` use the
+    default member: the member can change how `tl.sum` spreads a block's rows over threads, so pin it
+    where results must match bit for bit across processes (within one process they always do)."""
+    configs = stream_configs(meta["L_PAD"])
+    cfg = configs[0]
+    h = args[0]
+    if (h.is_cuda and os.environ.get("IAPT_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing()):
+        key = (kernel.fn.__name__, h.device.index, *sorted(meta.items()), *shape_key)
+        if key not in _TUNED:
+            _TUNED[key] = _fastest(kernel, grid, args, meta, configs)
+        cfg = _TUNED[key]
+    kernel[grid](*args, **meta, NUM_STAGES=cfg["num_stages"], **cfg)
+
+
+def _fastest(kernel, grid, args, meta, configs):
+    from triton.testing import do_bench
+
+    times = []
+    for cfg in configs:
+        try:
+            ms = do_bench(lambda: kernel[grid](*args, **meta, NUM_STAGES=cfg["num_stages"], **cfg),
+                          warmup=2, rep=10)
+        except triton.runtime.errors.OutOfResources:  # e.g. one stage more than this GPU's shared memory
+            continue
+        times.append((ms, len(times), cfg))
+    return min(times, key=lambda t: t[:2])[2] if times else configs[0]
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -433,10 +486,13 @@ def attention_pool_bwd(gu, h, mask, cu_seqlens, down_weight, pool_weight, a, z, 
     cdt = compute_dtype(h)
     h = h.contiguous()
     wd, wp = down_weight.to(cdt), pool_weight.to(cdt)
-    wdp = (wd.t() @ wp.t()).contiguous()
     gu = gu.to(cdt).contiguous()
     r, D = wd.shape
-    gz = (gu @ wd).contiguous()  # (B, L, d)
+    B, L = gu.shape[0], wp.shape[0]
+    # gZ = gU Wd and Wdp^T = Wp Wd as one product: the (r, d) weight is read once for both.
+    gz_wdp = torch.cat([gu.reshape(B * L, r), wp]) @ wd
+    gz = gz_wdp[: B * L].view(B, L, D)  # (B, L, d)
+    wdp = gz_wdp[B * L:].t().contiguous()  # (d, L)
     gh, gw_partial = stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, z=z)
     gwdp_t = gw_partial.sum(dim=0)  # (L, d); a fixed-order sum over sequences, no atomics
     gwdp = gwdp_t.t()
@@ -517,15 +573,20 @@ def launch_configs():
                     types = {"h_ptr": io, "mask_ptr": index_ty, "cu_ptr": index_ty,
                              "order_ptr": "i32", "wsel_ptr": "i32"}
                     types.update({k: cdt if v == "c" else io for k, v in pointers.items()})
-                    constexprs = dict(PACKED=packed, HAS_ORDER=has_order, L_PAD=l_pad, BLOCK_D=block_d)
-                    stages = pipeline_stages(l_pad)
-                    if streams:
-                        constexprs.update(BLOCK_S=block_s, NUM_STAGES=stages, PRECISION=precision(torch_dtype[io]))
-                    yield dict(
-                        kernel=fn, name=name, pointers={k: v for k, v in types.items() if k in fn.arg_names},
-                        constexprs=constexprs, num_warps=NUM_WARPS, num_stages=stages,
-                        h_stage_bytes=block_s * block_d * itemsize[io] if streams else 0,
-                        unaligned=("L", "CHUNK", "NCHUNK"),
-                        config=dict(dtype=io, packed=packed, multi_tenant=has_order, L_PAD=l_pad,
-                                    BLOCK_S=block_s, BLOCK_D=block_d, num_warps=NUM_WARPS, num_stages=stages),
-                    )
+                    members = stream_configs(l_pad) if streams else [
+                        dict(num_warps=NUM_WARPS, num_stages=pipeline_stages(l_pad))]
+                    for member in members:
+                        warps, stages = member["num_warps"], member["num_stages"]
+                        constexprs = dict(PACKED=packed, HAS_ORDER=has_order, L_PAD=l_pad, BLOCK_D=block_d)
+                        if streams:
+                            constexprs.update(BLOCK_S=block_s, NUM_STAGES=stages,
+                                              PRECISION=precision(torch_dtype[io]))
+                        yield dict(
+                            kernel=fn, name=name, pointers={k: v for k, v in types.items() if k in fn.arg_names},
+                            constexprs=constexprs, num_warps=warps, num_stages=stages,
+                            h_stage_bytes=block_s * block_d * itemsize[io] if streams else 0,
+                            unaligned=("L", "CHUNK", "NCHUNK"),
+                            config=dict(dtype=io, packed=packed, multi_tenant=has_order, L_PAD=l_pad,
+                                        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+                                        default=member == members[0]),
+                        )
