@@ -155,13 +155,11 @@ def test_autotune_members_share_tiles_and_are_all_in_the_static_report():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter runs the default member)")
-@pytest.mark.parametrize("member", range(3))
+@pytest.mark.parametrize("member", range(2))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_autotune_member_matches_the_reference(member, dtype, monkeypatch):
     """Each member alone (the tuner sees only it), padded and packed, against the float64 reference."""
     members = ap.stream_configs(16)
-    if member >= len(members):
-        pytest.skip("fewer members at L_PAD 16")
     monkeypatch.setattr(ap, "stream_configs", lambda l_pad: [members[member]])
     monkeypatch.setattr(ap, "_TUNED", {})
     B, S, d, r, L = 3, 200, 96, 8, 4

@@ -50,8 +50,8 @@ zero partials), so no program walks to `max_seqlen`.
 
 The loops over `d` are `tl.range(..., num_stages=NUM_STAGES)` around `tl.dot`, which Triton software-
 pipelines (cp.async, `LDGSTS`, on sm_80 and sm_90: see the static report); L is padded to 16 for the
-tensor-core shapes. The two kernels that stream H are tuned over a small set (`stream_configs`: 4 or 8
-warps, one more pipeline stage at L <= 16) with tiles and chunks fixed, timed once per shape on CUDA
+tensor-core shapes. The two kernels that stream H are tuned over a small set (`stream_configs`: one
+more pipeline stage at L <= 16, 8 warps above) with tiles and chunks fixed, timed once per shape on CUDA
 (`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
 rows are converted to fp32 and multiplied at "tf32x3" (a bf16 or fp16 value is exact in TF32, the
 fp32 weights are split in two), so every input dtype keeps fp32 accumulation. No atomics: every
@@ -96,16 +96,18 @@ def pipeline_stages(l_pad: int) -> int:
 
 
 def stream_configs(l_pad: int) -> list[dict]:
-    """The autotune set of the two kernels that stream H: `(num_warps, num_stages)` pairs, the first
-    the default. Tiles (`block_sizes`) and chunks (`chunk_size`) are the same for every member, so the
-    order of every sum over d and over chunks is too; members differ in how a block's rows are spread
-    over threads (8 warps: half the registers a thread, so more CTAs per SM where registers bound it)
-    and in pipeline depth (one more stage in flight where shared memory allows it)."""
+    """The autotune set of the two kernels that stream H: `(num_warps, num_stages)` members, the
+    default first. Tiles (`block_sizes`) and chunks (`chunk_size`) are the same for every member, so
+    the order of every sum over d and over chunks is too. At L_PAD 16 (L <= 16, the method's L = 4)
+    the alternative is one more pipeline stage: 32 to 64 KiB of H in flight per SM instead of 48
+    (static report: fewer CTAs fit, each with more loads outstanding). 8 warps is not offered there:
+    registers stay at 255 a thread, so one CTA fits, 24 KiB in flight. At L_PAD 32 and 64 the
+    alternative is 8 warps (no bound to meet there; the tuner decides)."""
     stages = pipeline_stages(l_pad)
-    configs = [dict(num_warps=NUM_WARPS, num_stages=stages), dict(num_warps=2 * NUM_WARPS, num_stages=stages)]
+    default = dict(num_warps=NUM_WARPS, num_stages=stages)
     if l_pad == 16:
-        configs.append(dict(num_warps=NUM_WARPS, num_stages=stages + 1))
-    return configs
+        return [default, dict(num_warps=NUM_WARPS, num_stages=stages + 1)]
+    return [default, dict(num_warps=2 * NUM_WARPS, num_stages=stages)]
 
 
 def chunk_size(programs_per_chunk: int, S: int, block_s: int = BLOCK_S) -> int:
