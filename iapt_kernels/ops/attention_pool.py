@@ -157,6 +157,21 @@ def _length(b, S, cu_ptr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _chunk(S, L, CHUNK, cu_ptr, order_ptr, wsel_ptr, PACKED: tl.constexpr, HAS_ORDER: tl.constexpr,
+           L_PAD: tl.constexpr):
+    """What program (p, k) of a streaming kernel covers: sequence `b` with weight set `w`, tokens
+    `[s_lo, s_hi)`, the soft-token lanes and their mask, and its partials' slot `p * nchunk + k`."""
+    p = tl.program_id(0)
+    k = tl.program_id(1)
+    b, w = _request(p, order_ptr, wsel_ptr, HAS_ORDER)
+    s_lo = k * CHUNK
+    s_hi = tl.minimum(s_lo + CHUNK, _length(b, S, cu_ptr, PACKED))
+    lanes = tl.arange(0, L_PAD)
+    slot = p.to(tl.int64) * tl.num_programs(1) + k
+    return p, b, w, s_lo, s_hi, lanes, lanes < L, slot
+
+
+@triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """`acc + a b` on the tensor cores (or exact fp32/fp64 FMAs for "ieee")."""
     return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -171,17 +186,11 @@ def _attention_pool_fwd_kernel(
 ):
     # Program (p, k): tokens [k CHUNK, (k+1) CHUNK) of sequence b. Writes E there, the chunk's
     # softmax statistics st[p, k] = (m, l) and its partial Z zp[p, k] = sum_s exp(E_s - m) H_s.
-    p = tl.program_id(0)
-    k = tl.program_id(1)
-    b, wi = _request(p, order_ptr, wsel_ptr, HAS_ORDER)
+    p, b, wi, s_lo, s_hi, lanes, lmask, slot = _chunk(S, L, CHUNK, cu_ptr, order_ptr, wsel_ptr, PACKED,
+                                                      HAS_ORDER, L_PAD)
     w_ptr += wi * D * L
     cdt = w_ptr.dtype.element_ty
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, _length(b, S, cu_ptr, PACKED))
-    lanes = tl.arange(0, L_PAD)
-    lmask = lanes < L
     c = tl.load(c_ptr + wi * L + lanes, mask=lmask, other=0.0)
-    slot = p.to(tl.int64) * tl.num_programs(1) + k
     zp_ptr += slot * L * D
     m = tl.full([L_PAD], float("-inf"), dtype=cdt)
     l_sum = tl.zeros([L_PAD], dtype=cdt)
@@ -268,16 +277,10 @@ def _attention_pool_bwd_kernel(
 ):
     # Program (p, k), tokens [k CHUNK, (k+1) CHUNK) of sequence b: gH there, the chunk's partial
     # gWdp^T gw[p, k] = gE^T H and ds[p, k] = sum_s A gA, with gE = A (gA - delta), delta = <Z, gZ>.
-    p = tl.program_id(0)
-    k = tl.program_id(1)
-    b, wi = _request(p, order_ptr, wsel_ptr, HAS_ORDER)
+    p, b, wi, s_lo, s_hi, lanes, lmask, slot = _chunk(S, L, CHUNK, cu_ptr, order_ptr, wsel_ptr, PACKED,
+                                                      HAS_ORDER, L_PAD)
     w_ptr += wi * D * L
     cdt = gz_ptr.dtype.element_ty
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, _length(b, S, cu_ptr, PACKED))
-    lanes = tl.arange(0, L_PAD)
-    lmask = lanes < L
-    slot = p.to(tl.int64) * tl.num_programs(1) + k
     gw_ptr += slot * L * D
     gz_ptr += b.to(tl.int64) * L * D
     delta = tl.load(delta_ptr + p.to(tl.int64) * L + lanes, mask=lmask, other=0.0)
