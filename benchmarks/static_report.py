@@ -31,7 +31,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 # The report compiles real GPU code: it must see the JIT kernels, not the interpreter's.
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "LDGSTS", "UTMALDG", "HMMA", "HGMMA", "RED", "ATOM",
                 "ATOMS", "BAR")

@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 
 from .._validate import check_max_seqlen
+from .utils import compute_dtype
 
 MAX_TOKENS = 64  # largest L the kernels are compiled for (L is padded to a power of two >= 16)
 NUM_WARPS = 4
@@ -332,10 +333,6 @@ def _attention_pool_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def compute_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def _layout(h, mask, cu_seqlens, max_seqlen):
