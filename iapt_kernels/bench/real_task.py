@@ -58,7 +58,11 @@ __all__ = ["Example", "RealTaskError", "find_smollm2_gguf", "load_smollm2", "loa
 METHODS = ("iapt", "lora", "iapt-gelu", "prompt", "zero-shot")  # run in this order: the main pair first
 TRAINED = ("iapt", "iapt-gelu", "lora", "prompt")
 BBC_INSTRUCTION = ("Classify the topic of this news article as one of: business, entertainment, politics, "
-                   "sports, tech.\n\nArticle: {article}\nTopic:")
+                   "sports, tech.\n\nArticle: {article}")
+# The cue comes after IAPT's slots, so the label is predicted at a real token that reads the article
+# through every layer; right after the slots, the prediction would sit on a slot that IAPT overwrites
+# before every layer (insert_prompt_slots, response_prefix_ids). Every method sees the same text.
+BBC_CUE = "\nTopic:"
 
 
 class RealTaskError(Exception):
@@ -279,19 +283,21 @@ def _label_set(train: list[Example], where: str) -> list[str]:
 
 
 def encode(examples: list[Example], tok, context: int, extra: int, where: str, answer_prefix: str = ""):
-    """``[(instruction_ids, response_ids, label)]``: instruction + ``answer_prefix``, response = " " + output +
-    EOS. Raises when an instruction plus its response and ``extra`` positions (soft tokens) exceed ``context``."""
+    """``[(instruction_ids, response_ids, label, cue_ids)]``: the instruction; the response, " " + output + EOS;
+    the cue, ``answer_prefix`` (the text between the instruction and the answer; IAPT puts its slots before
+    it). Raises when an instruction plus cue, response and ``extra`` positions (soft tokens) exceed ``context``."""
     eos = tok.eos_token_id
+    cue = tok(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     out = []
     for i, e in enumerate(examples):
-        ins = tok(e.instruction.rstrip() + answer_prefix)["input_ids"]
+        ins = tok(e.instruction.rstrip())["input_ids"]
         resp = tok(" " + e.output.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        need = len(ins) + len(resp) + extra
+        need = len(ins) + len(cue) + len(resp) + extra
         if need > context:
-            raise RealTaskError(f"{where}, example {i + 1}: the instruction is {len(ins)} tokens; with the response "
-                                f"({len(resp)}) and {extra} soft tokens that is {need} > the model's context of "
-                                f"{context} positions: shorten or truncate the instruction")
-        out.append((ins, resp, normalize(e.output)))
+            raise RealTaskError(f"{where}, example {i + 1}: the instruction is {len(ins)} tokens; with the answer cue "
+                                f"({len(cue)}), the response ({len(resp)}) and {extra} soft tokens that is {need} > "
+                                f"the model's context of {context} positions: shorten or truncate the instruction")
+        out.append((ins, resp, normalize(e.output), cue))
     return out
 
 
@@ -373,10 +379,12 @@ class _Method:
         import iapt_kernels as ik
 
         ins = [r[0] for r in rows]
+        cue = [r[3] for r in rows]
         resp = [r[1] for r in rows] if responses else None
         if self.slots:
-            return ik.insert_prompt_slots(ins, resp, num_tokens=self.slots, pad_token_id=self.pad_id, padding_side=side)
-        return _pad(ins, resp, self.pad_id, side)
+            return ik.insert_prompt_slots(ins, resp, num_tokens=self.slots, pad_token_id=self.pad_id, padding_side=side,
+                                          response_prefix_ids=cue)
+        return _pad([i + c for i, c in zip(ins, cue)], resp, self.pad_id, side)
 
     def loss(self, rows) -> torch.Tensor:
         """Mean cross-entropy over the response tokens; logits only where a label is predicted."""
@@ -407,7 +415,7 @@ def _mean_hidden_init(net, rows, pad_id: int) -> None:
     without slots: 7.4)."""
     if not rows:
         return
-    b = _pad([r[0] for r in rows], [r[1] for r in rows], pad_id, "right")
+    b = _pad([r[0] + r[3] for r in rows], [r[1] for r in rows], pad_id, "right")
     out = net.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
     att = b["attention_mask"].bool()
@@ -736,7 +744,8 @@ def _parse(argv):
     src.add_argument("--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)')
     src.add_argument("--test", help="JSONL to test on (with --train)")
     src.add_argument("--answer-prefix", default="\nAnswer:",
-                     help="JSONL: appended to every instruction before the answer (default %(default)r)")
+                     help="JSONL: the cue between every instruction and its answer (default %(default)r); IAPT's "
+                          "slots go before it, so the answer is predicted at a real token")
     src.add_argument("--val-size", type=int, default=40, help="validation examples taken from the training data")
     src.add_argument("--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)")
     src.add_argument("--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction")
@@ -837,7 +846,7 @@ def run_comparison(args, log=print) -> dict:
     context = int(getattr(cfg, "max_position_embeddings", 0) or 10**9)
     extra = max(args.num_tokens, sizes["prompt_tokens"] if "prompt" in args.methods else 0)
     max_label = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 1
-    cue = args.answer_prefix if args.train else ""  # the BBC instruction ends with its own cue, "Topic:"
+    cue = args.answer_prefix if args.train else BBC_CUE
     data = {"train": encode(train, tok, context, extra, where_train, cue),
             "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
             "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
