@@ -103,7 +103,7 @@ def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, tiny_dir, capsys
     good = write_jsonl(tmp_path / "good.jsonl", colour_rows(20, 0))
     bad = tmp_path / "bad.jsonl"
     expect = {"missing": "data file not found", "bad_json": "not valid JSON", "missing_field": '"output"',
-              "empty_labels": "empty label set", "too_long": "context", "empty": "holds no examples"}[case]
+              "empty_labels": "empty label set", "too_long": "line 6: the instruction", "empty": "holds no examples"}[case]
     if case == "bad_json":
         bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     elif case == "missing_field":

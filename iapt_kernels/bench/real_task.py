@@ -22,8 +22,10 @@ Methods, one frozen backbone each, at matched trainable parameters where the met
   ~40% to a training step. Its (smaller) parameter count is reported.
 - ``zero-shot``: the frozen backbone, no training.
 
+Every method sees ``instruction + cue + label`` (BBC: the cue ``"\nTopic:"``; JSONL: ``--answer-prefix``);
+IAPT's slots go between the instruction and the cue, so the label is predicted at a real token.
 Every trained method: AdamW, the same batches in the same order, the loss on the response tokens
-only. Accuracy: greedy decoding with the KV cache, prediction = the generated text up to the first
+only. One child process per method, one thread each, two methods at a time (``--threads``, ``--jobs``). Accuracy: greedy decoding with the KV cache, prediction = the generated text up to the first
 newline, compared with the label after stripping whitespace and a trailing period and lower-casing.
 Outputs (written at the end, each file atomically): ``results.json``, ``results.md``,
 ``loss_curves.png`` in ``--out``.
@@ -75,6 +77,7 @@ class Example:
 
     instruction: str
     output: str
+    line: int | None = None  # its line in the JSONL file it came from, for error messages
 
 
 # ----------------------------------------------------------------------------- model
@@ -243,7 +246,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) \
                     or not isinstance(obj.get("output"), str):
                 raise RealTaskError(f'{p}:{ln}: each line needs string fields "instruction" and "output"')
-            out.append(Example(obj["instruction"], obj["output"]))
+            out.append(Example(obj["instruction"], obj["output"], ln))
     if not out:
         raise RealTaskError(f"{p} holds no examples")
     return out
@@ -294,7 +297,8 @@ def encode(examples: list[Example], tok, context: int, extra: int, where: str, a
         resp = tok(" " + e.output.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         need = len(ins) + len(cue) + len(resp) + extra
         if need > context:
-            raise RealTaskError(f"{where}, example {i + 1}: the instruction is {len(ins)} tokens; with the answer cue "
+            at = f"line {e.line}" if e.line is not None else f"example {i + 1}"  # splits shuffle: the line finds it
+            raise RealTaskError(f"{where}, {at}: the instruction is {len(ins)} tokens; with the answer cue "
                                 f"({len(cue)}), the response ({len(resp)}) and {extra} soft tokens that is {need} > "
                                 f"the model's context of {context} positions: shorten or truncate the instruction")
         out.append((ins, resp, normalize(e.output), cue))
@@ -411,8 +415,8 @@ def _mean_hidden_init(net, rows, pad_id: int) -> None:
     """Start every generator's prompts at the mean hidden state entering its layer (over the attended
     tokens of ``rows``), instead of near zero: a slot then starts as an average token, not as a near-zero
     vector that the next RMSNorm blows up into an arbitrary direction. On SmolLM2 and 8 BBC examples the
-    loss at step 0 is 18.5 with the package's initialisation, 10.7 with this one (the frozen model
-    without slots: 7.4)."""
+    loss at step 0 was 18.5 with the package's initialisation, 10.7 with this one (the frozen model
+    without slots: 7.4), measured with the label right after the slots, before the cue moved there."""
     if not rows:
         return
     b = _pad([r[0] + r[3] for r in rows], [r[1] for r in rows], pad_id, "right")
