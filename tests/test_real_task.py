@@ -21,8 +21,11 @@ WORDS = {"red": "warm", "orange": "warm", "yellow": "warm", "blue": "cold", "gre
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def save_tiny_model(path):
     """A tiny random Llama and a byte-level BPE tokenizer with no merges, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny")
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))

@@ -137,3 +137,29 @@ def test_real_task_cue_follows_the_slots():
         assert p["input_ids"][i, : n + 2 + len(resp)].tolist() == ins + cue + resp
         first = (b["labels"][i] != -100).nonzero()[0].item()
         assert first - 1 == n + L + 1  # the cue's last token predicts the label
+
+
+def test_train_cli_puts_a_newline_after_the_slots_for_a_pretrained_model(tmp_path, monkeypatch):
+    """python -m iapt_kernels.train --model: the response prefix is on by default ("\\n"), off with ''."""
+    pytest.importorskip("tokenizers")
+    from test_real_task import save_tiny_model  # the byte-level tiny Llama of the real-task tests
+    from iapt_kernels import train
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Is red warm?", "response": " yes"}\n' * 4)
+    seen = []
+    real = ik.insert_prompt_slots
+
+    def spy(*args, **kw):
+        seen.append(kw.get("response_prefix_ids"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ik, "insert_prompt_slots", spy)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    for extra, expect in (([], tok("\n", add_special_tokens=False)["input_ids"]), (["--response-prefix", ""], [])):
+        seen.clear()
+        train.main(["--model", str(model_dir), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                    "--out", str(tmp_path / "ad"), "--no-progress", *extra])
+        assert seen and all(p == expect for p in seen), (extra, seen)
+        assert extra or expect  # the default prefix is a real token
