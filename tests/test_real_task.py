@@ -21,8 +21,11 @@ WORDS = {"red": "warm", "orange": "warm", "yellow": "warm", "blue": "cold", "gre
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def save_tiny_model(path):
     """A tiny random Llama and a byte-level BPE tokenizer with no merges, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny")
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
@@ -103,7 +106,7 @@ def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, tiny_dir, capsys
     good = write_jsonl(tmp_path / "good.jsonl", colour_rows(20, 0))
     bad = tmp_path / "bad.jsonl"
     expect = {"missing": "data file not found", "bad_json": "not valid JSON", "missing_field": '"output"',
-              "empty_labels": "empty label set", "too_long": "context", "empty": "holds no examples"}[case]
+              "empty_labels": "empty label set", "too_long": "line 6: the instruction", "empty": "holds no examples"}[case]
     if case == "bad_json":
         bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     elif case == "missing_field":

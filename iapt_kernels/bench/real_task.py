@@ -22,8 +22,10 @@ Methods, one frozen backbone each, at matched trainable parameters where the met
   ~40% to a training step. Its (smaller) parameter count is reported.
 - ``zero-shot``: the frozen backbone, no training.
 
+Every method sees ``instruction + cue + label`` (BBC: the cue ``"\nTopic:"``; JSONL: ``--answer-prefix``);
+IAPT's slots go between the instruction and the cue, so the label is predicted at a real token.
 Every trained method: AdamW, the same batches in the same order, the loss on the response tokens
-only. Accuracy: greedy decoding with the KV cache, prediction = the generated text up to the first
+only. One child process per method, one thread each, two methods at a time (``--threads``, ``--jobs``). Accuracy: greedy decoding with the KV cache, prediction = the generated text up to the first
 newline, compared with the label after stripping whitespace and a trailing period and lower-casing.
 Outputs (written at the end, each file atomically): ``results.json``, ``results.md``,
 ``loss_curves.png`` in ``--out``.
@@ -58,7 +60,11 @@ __all__ = ["Example", "RealTaskError", "find_smollm2_gguf", "load_smollm2", "loa
 METHODS = ("iapt", "lora", "iapt-gelu", "prompt", "zero-shot")  # run in this order: the main pair first
 TRAINED = ("iapt", "iapt-gelu", "lora", "prompt")
 BBC_INSTRUCTION = ("Classify the topic of this news article as one of: business, entertainment, politics, "
-                   "sports, tech.\n\nArticle: {article}\nTopic:")
+                   "sports, tech.\n\nArticle: {article}")
+# The cue comes after IAPT's slots, so the label is predicted at a real token that reads the article
+# through every layer; right after the slots, the prediction would sit on a slot that IAPT overwrites
+# before every layer (insert_prompt_slots, response_prefix_ids). Every method sees the same text.
+BBC_CUE = "\nTopic:"
 
 
 class RealTaskError(Exception):
@@ -71,6 +77,7 @@ class Example:
 
     instruction: str
     output: str
+    line: int | None = None  # its line in the JSONL file it came from, for error messages
 
 
 # ----------------------------------------------------------------------------- model
@@ -239,7 +246,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
             if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) \
                     or not isinstance(obj.get("output"), str):
                 raise RealTaskError(f'{p}:{ln}: each line needs string fields "instruction" and "output"')
-            out.append(Example(obj["instruction"], obj["output"]))
+            out.append(Example(obj["instruction"], obj["output"], ln))
     if not out:
         raise RealTaskError(f"{p} holds no examples")
     return out
@@ -279,19 +286,22 @@ def _label_set(train: list[Example], where: str) -> list[str]:
 
 
 def encode(examples: list[Example], tok, context: int, extra: int, where: str, answer_prefix: str = ""):
-    """``[(instruction_ids, response_ids, label)]``: instruction + ``answer_prefix``, response = " " + output +
-    EOS. Raises when an instruction plus its response and ``extra`` positions (soft tokens) exceed ``context``."""
+    """``[(instruction_ids, response_ids, label, cue_ids)]``: the instruction; the response, " " + output + EOS;
+    the cue, ``answer_prefix`` (the text between the instruction and the answer; IAPT puts its slots before
+    it). Raises when an instruction plus cue, response and ``extra`` positions (soft tokens) exceed ``context``."""
     eos = tok.eos_token_id
+    cue = tok(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     out = []
     for i, e in enumerate(examples):
-        ins = tok(e.instruction.rstrip() + answer_prefix)["input_ids"]
+        ins = tok(e.instruction.rstrip())["input_ids"]
         resp = tok(" " + e.output.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        need = len(ins) + len(resp) + extra
+        need = len(ins) + len(cue) + len(resp) + extra
         if need > context:
-            raise RealTaskError(f"{where}, example {i + 1}: the instruction is {len(ins)} tokens; with the response "
-                                f"({len(resp)}) and {extra} soft tokens that is {need} > the model's context of "
-                                f"{context} positions: shorten or truncate the instruction")
-        out.append((ins, resp, normalize(e.output)))
+            at = f"line {e.line}" if e.line is not None else f"example {i + 1}"  # splits shuffle: the line finds it
+            raise RealTaskError(f"{where}, {at}: the instruction is {len(ins)} tokens; with the answer cue "
+                                f"({len(cue)}), the response ({len(resp)}) and {extra} soft tokens that is {need} > "
+                                f"the model's context of {context} positions: shorten or truncate the instruction")
+        out.append((ins, resp, normalize(e.output), cue))
     return out
 
 
@@ -373,10 +383,12 @@ class _Method:
         import iapt_kernels as ik
 
         ins = [r[0] for r in rows]
+        cue = [r[3] for r in rows]
         resp = [r[1] for r in rows] if responses else None
         if self.slots:
-            return ik.insert_prompt_slots(ins, resp, num_tokens=self.slots, pad_token_id=self.pad_id, padding_side=side)
-        return _pad(ins, resp, self.pad_id, side)
+            return ik.insert_prompt_slots(ins, resp, num_tokens=self.slots, pad_token_id=self.pad_id, padding_side=side,
+                                          response_prefix_ids=cue)
+        return _pad([i + c for i, c in zip(ins, cue)], resp, self.pad_id, side)
 
     def loss(self, rows) -> torch.Tensor:
         """Mean cross-entropy over the response tokens; logits only where a label is predicted."""
@@ -403,11 +415,11 @@ def _mean_hidden_init(net, rows, pad_id: int) -> None:
     """Start every generator's prompts at the mean hidden state entering its layer (over the attended
     tokens of ``rows``), instead of near zero: a slot then starts as an average token, not as a near-zero
     vector that the next RMSNorm blows up into an arbitrary direction. On SmolLM2 and 8 BBC examples the
-    loss at step 0 is 18.5 with the package's initialisation, 10.7 with this one (the frozen model
-    without slots: 7.4)."""
+    loss at step 0 was 18.5 with the package's initialisation, 10.7 with this one (the frozen model
+    without slots: 7.4), measured with the label right after the slots, before the cue moved there."""
     if not rows:
         return
-    b = _pad([r[0] for r in rows], [r[1] for r in rows], pad_id, "right")
+    b = _pad([r[0] + r[3] for r in rows], [r[1] for r in rows], pad_id, "right")
     out = net.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
     att = b["attention_mask"].bool()
@@ -736,7 +748,8 @@ def _parse(argv):
     src.add_argument("--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)')
     src.add_argument("--test", help="JSONL to test on (with --train)")
     src.add_argument("--answer-prefix", default="\nAnswer:",
-                     help="JSONL: appended to every instruction before the answer (default %(default)r)")
+                     help="JSONL: the cue between every instruction and its answer (default %(default)r); IAPT's "
+                          "slots go before it, so the answer is predicted at a real token")
     src.add_argument("--val-size", type=int, default=40, help="validation examples taken from the training data")
     src.add_argument("--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)")
     src.add_argument("--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction")
@@ -771,10 +784,15 @@ def _parse(argv):
                     help="smoke run: 4 layers, 6 steps, 16 test examples, short articles, tiny serving run")
     ge.add_argument("--out", default="real-task-out", help="output directory (default %(default)s)")
     ge.add_argument("--device", default="cpu")
-    ge.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ge.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads per process (default %(default)s; 0: torch's default). Two OpenMP "
+                         "threads on a busy machine spin: measured, 3x the CPU seconds of one thread for IAPT")
+    ge.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="methods trained at the same time, one child process each (default: min(2, CPUs) = "
+                         "%(default)s; with --threads 1 that is one core per method)")
     ge.add_argument("--in-process", action="store_true",
-                    help="run every method in this process (default: one child process each, so peak memory "
-                         "is per method)")
+                    help="run every method in this process, one after the other (default: one child process "
+                         "each, so peak memory is per method)")
     ge.add_argument("--skip-sanity", action="store_true", help='skip the " Paris" check of the SmolLM2 conversion')
     ge.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -792,7 +810,7 @@ def _parse(argv):
     if args.serving_only and args.no_serving:
         p.error("--serving-only and --no-serving exclude each other")
     for name in ("steps", "batch_size", "eval_batch_size", "num_tokens", "bottleneck", "tenants", "test_size",
-                 "prompt_tokens"):
+                 "prompt_tokens", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -837,7 +855,7 @@ def run_comparison(args, log=print) -> dict:
     context = int(getattr(cfg, "max_position_embeddings", 0) or 10**9)
     extra = max(args.num_tokens, sizes["prompt_tokens"] if "prompt" in args.methods else 0)
     max_label = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 1
-    cue = args.answer_prefix if args.train else ""  # the BBC instruction ends with its own cue, "Topic:"
+    cue = args.answer_prefix if args.train else BBC_CUE
     data = {"train": encode(train, tok, context, extra, where_train, cue),
             "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
             "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
@@ -854,16 +872,20 @@ def run_comparison(args, log=print) -> dict:
         f"{sizes['lora_rank']}; prompt tuning {sizes['prompt_tokens']} virtual tokens")
     args_dict = vars(args).copy()
     methods = []
-    pool = None if args.in_process else concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    jobs = max(1, min(args.jobs, len(args.methods)))
+    pool = None if args.in_process or not args.methods else concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     try:
+        # Submitted in METHODS order, so with 2 jobs the main pair (IAPT, LoRA) trains first, side by side.
+        futures = {} if pool is None else {name: pool.submit(run_method, name, model_dir, data, sizes, args_dict)
+                                           for name in args.methods}
         for name in args.methods:
             log(f"--- {name}")
             try:
                 if pool is None:
                     rec = run_method(name, model_dir, data, sizes, args_dict)
                 else:
-                    rec = pool.submit(run_method, name, model_dir, data, sizes, args_dict).result()
+                    rec = futures[name].result()
             except (KeyboardInterrupt, RealTaskError):
                 raise
             except Exception as exc:  # one failing method is reported; the others still run
@@ -890,7 +912,8 @@ def run_comparison(args, log=print) -> dict:
     setup = {"model": desc, "data": data_desc, "labels": labels, "n_train": len(train), "n_val": len(val),
              "n_test": len(test), "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
              "lrs": lrs, "num_tokens": args.num_tokens, "bottleneck": args.bottleneck, **sizes,
-             "machine": f"{args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs",
+             "machine": f"{args.device}, {torch.get_num_threads()} threads per process, "
+                        f"{1 if args.in_process else jobs} method(s) at a time, {os.cpu_count()} CPUs",
              "quick": args.quick}
     return {"setup": setup, "methods": methods, "majority": _majority(data["train"], data["test"]),
             "serving": serving, "wall_s": time.perf_counter() - t_start,

@@ -33,11 +33,17 @@ class IAPTDataCollator:
         slot_token_id, padding_side, max_length, truncation_side: as for
             :func:`iapt_kernels.insert_prompt_slots` (``padding_side="right"`` for training).
         add_eos: append the tokenizer's EOS id to text responses (default True).
+        response_prefix: real tokens between the slots and the response, as text (tokenized without
+            special tokens; needs ``tokenizer``) or a list of token ids, e.g. ``"\nAnswer:"`` or the
+            chat template's assistant header. Pass it for a pretrained model: without it the first
+            response token is predicted at the last slot, whose hidden state IAPT overwrites before
+            every layer (see :func:`iapt_kernels.insert_prompt_slots`, ``response_prefix_ids``);
+            ``[]`` keeps that layout deliberately. Prompts for generation must end with the same prefix.
     """
 
     def __init__(self, num_tokens: int, pad_token_id: int | None = None, *, tokenizer=None,
                  slot_token_id: int | None = None, padding_side: str = "right", max_length: int | None = None,
-                 truncation_side: str = "left", add_eos: bool = True) -> None:
+                 truncation_side: str = "left", add_eos: bool = True, response_prefix=None) -> None:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_token_id is None:
@@ -45,9 +51,15 @@ class IAPTDataCollator:
         self.num_tokens, self.pad_token_id, self.tokenizer = num_tokens, int(pad_token_id), tokenizer
         self.slot_token_id, self.padding_side, self.add_eos = slot_token_id, padding_side, add_eos
         self.max_length, self.truncation_side = max_length, truncation_side
+        if isinstance(response_prefix, str):
+            if tokenizer is None:
+                raise ValueError("response_prefix given as text needs tokenizer= (or pass its token ids)")
+            response_prefix = tokenizer(response_prefix, add_special_tokens=False)["input_ids"]
+        self.response_prefix_ids = None if response_prefix is None else [int(t) for t in response_prefix]
         # Fail on a bad layout argument now, not at the first batch.
         insert_prompt_slots([[0]], num_tokens=num_tokens, pad_token_id=self.pad_token_id, padding_side=padding_side,
-                            max_length=max_length, truncation_side=truncation_side)
+                            max_length=max_length, truncation_side=truncation_side,
+                            response_prefix_ids=self.response_prefix_ids)
 
     def _ids(self, ex: dict[str, Any], i: int) -> tuple[list[int], list[int] | None]:
         if "instruction_ids" in ex:
@@ -74,7 +86,8 @@ class IAPTDataCollator:
         batch = insert_prompt_slots([p[0] for p in pairs], [p[1] for p in pairs] if all(has_resp) else None,
                                     num_tokens=self.num_tokens, pad_token_id=self.pad_token_id,
                                     slot_token_id=self.slot_token_id, padding_side=self.padding_side,
-                                    max_length=self.max_length, truncation_side=self.truncation_side)
+                                    max_length=self.max_length, truncation_side=self.truncation_side,
+                                    response_prefix_ids=self.response_prefix_ids)
         tenants = [ex.get("tenant_id") for ex in examples]
         if any(t is not None for t in tenants):
             if any(t is None for t in tenants):

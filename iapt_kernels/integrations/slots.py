@@ -1,12 +1,19 @@
 """Prompt-slot layout for decoder-only models (docs/design.md section 1, "Slot layout").
 
-Every example is laid out as ``[instruction][L slot tokens][response]``; padding goes anywhere the
-attention mask says. At every decoder layer the hidden states at the ``L`` slot positions are
-replaced by that layer's soft prompts.
+Every example is laid out as ``[instruction][L slot tokens][response prefix][response]``; padding goes
+anywhere the attention mask says. At every decoder layer the hidden states at the ``L`` slot positions
+are replaced by that layer's soft prompts.
+
+The response prefix (optional, e.g. a chat template's assistant header or a newline) matters on a
+pretrained model: without it the first response token is predicted at the last slot, a position whose
+hidden state IAPT overwrites before every layer, so that prediction sees the instruction only through the
+last layer's generator and one layer of attention. With it, a real token predicts the response after
+attending, through every layer, to both the instruction and the soft prompts.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -47,6 +54,33 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
     return out
 
 
+_NO_PREFIX_WARNING = (
+    "insert_prompt_slots: no response_prefix_ids, so the first response token is predicted at the last slot "
+    "position, whose hidden state IAPT overwrites before every layer: on a pretrained model that prediction "
+    "barely sees the instruction. Pass real tokens to put between the slots and the response (e.g. "
+    "response_prefix_ids=tok('\\nAnswer:', add_special_tokens=False)['input_ids'], or the chat template's "
+    "assistant header), or response_prefix_ids=[] to keep this layout deliberately")
+
+
+def _prefix_rows(prefix, n: int, pad_token_id: int) -> list[list[int]] | None:
+    """One list of ids for each of ``n`` rows from a shared list, per-row lists, or ``None``."""
+    if prefix is None:
+        return None
+    if torch.is_tensor(prefix) and prefix.dim() == 1:
+        prefix = prefix.tolist()
+    if isinstance(prefix, str):
+        raise TypeError("response_prefix_ids must hold token ids, not text: tokenize first")
+    items = list(prefix)
+    if all(not isinstance(t, (list, tuple)) and not torch.is_tensor(t) for t in items):
+        shared = [int(t) for t in items]  # one prefix for every row ([] included)
+        return [shared] * n
+    rows = _rows(items, "response_prefix_ids", pad_token_id)
+    if len(rows) != n:
+        raise ValueError(f"response_prefix_ids has {len(rows)} rows for {n} examples; pass one list for every "
+                         "row, or one list per row")
+    return rows
+
+
 def insert_prompt_slots(
     instruction_ids,
     response_ids=None,
@@ -57,8 +91,9 @@ def insert_prompt_slots(
     padding_side: str = "right",
     max_length: int | None = None,
     truncation_side: str = "left",
+    response_prefix_ids=None,
 ) -> dict[str, torch.Tensor]:
-    """Lay out a batch as ``[instruction][num_tokens slots][response]`` and pad it.
+    """Lay out a batch as ``[instruction][num_tokens slots][response prefix][response]`` and pad it.
 
     Args:
         instruction_ids: one list of token ids per example (may be empty), or a tokenizer's output
@@ -77,12 +112,21 @@ def insert_prompt_slots(
             ``truncation_side``, down to one; then response tokens from the end. The slots are never cut.
         truncation_side: ``"left"`` (default: drop the start of the instruction, keep the part next
             to the slots) or ``"right"`` (drop the end of the instruction).
+        response_prefix_ids: real tokens placed after the slots and before the response, e.g. the
+            tokens of ``"\nAnswer:"`` or of a chat template's assistant header: one list of ids for
+            every row, or one list per row. They are attended, not instruction tokens, never
+            labels and never cut. On a pretrained model pass them: without them the first response
+            token is predicted at the last slot, whose hidden state IAPT overwrites before every
+            layer, so the prediction barely sees the instruction (see the module docstring).
+            ``None`` (default) means no prefix and, when ``response_ids`` is given, warns once;
+            ``[]`` means no prefix, deliberately (e.g. a model trained from scratch), without warning.
+            Generation prompts must end with the same prefix the model was trained with.
 
     Returns:
         A dict of ``(B, S)`` tensors: ``input_ids`` (long), ``attention_mask`` (long, 1 on real and
         slot tokens), ``instruction_mask`` (bool, True on instruction tokens) and, when
         ``response_ids`` is given, ``labels`` (long, the response ids, ``-100`` on instruction,
-        slot and padding positions).
+        slot, response-prefix and padding positions).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -100,21 +144,30 @@ def insert_prompt_slots(
         response_ids = _rows(response_ids, "response_ids", pad_token_id)
         if len(response_ids) != len(instruction_ids):
             raise ValueError(f"got {len(instruction_ids)} instructions but {len(response_ids)} responses")
+    prefixes = _prefix_rows(response_prefix_ids, len(instruction_ids), pad_token_id)
+    if prefixes is None:
+        prefixes = [[]] * len(instruction_ids)
+        if response_ids is not None:
+            warnings.warn(_NO_PREFIX_WARNING, UserWarning, stacklevel=2)
     slot = pad_token_id if slot_token_id is None else slot_token_id
     rows = []
     for i, ins in enumerate(instruction_ids):
         resp = response_ids[i] if response_ids is not None else []
+        pre = prefixes[i]
         if max_length is not None:
-            over = len(ins) + num_tokens + len(resp) - max_length
+            if num_tokens + 1 + len(pre) > max_length:
+                raise ValueError(f"row {i}: max_length={max_length} cannot hold one instruction token, {num_tokens} "
+                                 f"slots and the {len(pre)}-token response prefix")
+            over = len(ins) + num_tokens + len(pre) + len(resp) - max_length
             cut = min(max(over, 0), max(len(ins) - 1, 0))
             if cut:
                 ins = ins[cut:] if truncation_side == "left" else ins[:len(ins) - cut]
             over -= cut
             if over > 0:
                 resp = resp[:len(resp) - over]
-        ids = ins + [slot] * num_tokens + resp
-        instr = [True] * len(ins) + [False] * (num_tokens + len(resp))
-        labels = [-100] * (len(ins) + num_tokens) + resp
+        ids = ins + [slot] * num_tokens + pre + resp
+        instr = [True] * len(ins) + [False] * (num_tokens + len(pre) + len(resp))
+        labels = [-100] * (len(ins) + num_tokens + len(pre)) + resp
         rows.append((ids, instr, labels))
     S = max(len(r[0]) for r in rows)
     B = len(rows)

@@ -629,31 +629,34 @@ class IAPTModel(nn.Module):
         kwargs["position_ids"] = (ar - first).clamp(min=0)
 
     def _without_slots(self, free, input_ids, attention_mask, inputs_embeds, state):
-        """Move the slot tokens of rows ``free`` (tenant -1) into their left padding (generate)."""
+        """Move the slot tokens of rows ``free`` (tenant -1) into their left padding (generate).
+
+        The slots need not end the row: a response prefix after them (insert_prompt_slots,
+        ``response_prefix_ids``) keeps its place after the instruction."""
         B, S = state.instruction_mask.shape
         L = self.iapt_config.num_tokens
-        tail = torch.arange(S - L, S, device=state.slot_index.device)
-        if not bool((state.slot_index[free] == tail).all()):
-            raise ValueError(
-                "tenant -1 rows are generated on their instruction alone, which needs their slot "
-                "tokens at the end of the row: pass left-padded prompts "
-                "(insert_prompt_slots(..., padding_side='left'))"
-            )
+        device = state.slot_index.device
         if attention_mask is None:
-            attention_mask = torch.ones((B, S), dtype=torch.long, device=state.slot_index.device)
+            attention_mask = torch.ones((B, S), dtype=torch.long, device=device)
+        if not bool(attention_mask[free, -1].bool().all()):
+            raise ValueError("tenant -1 rows are generated on their instruction alone, which needs prompts that "
+                             "end the row (generation continues from the last position): pass left-padded prompts "
+                             "(insert_prompt_slots(..., padding_side='left'))")
+        pos = torch.arange(S, device=device).expand(B, S)
+        is_slot = torch.zeros((B, S), dtype=torch.bool, device=device).scatter(1, state.slot_index, True)
+        # Slots first, then every other position in its order; rows with an adapter stay as they are.
+        key = torch.where(is_slot & free[:, None], pos - S, pos)
+        perm = key.argsort(dim=1)  # keys are distinct: the order is fully determined
 
-        def roll(x):
-            return torch.where(free.view(-1, *([1] * (x.dim() - 1))), x.roll(L, 1), x)
+        def move(x):
+            index = perm.view(B, S, *([1] * (x.dim() - 2))).expand_as(x)
+            return x.gather(1, index)
 
-        attention_mask = roll(attention_mask).clone()
+        attention_mask = move(attention_mask).clone()
         attention_mask[free, :L] = 0
-        state = _SlotState(roll(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
-        return (
-            None if input_ids is None else roll(input_ids),
-            attention_mask,
-            None if inputs_embeds is None else roll(inputs_embeds),
-            state,
-        )
+        state = _SlotState(move(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
+        return (None if input_ids is None else move(input_ids), attention_mask,
+                None if inputs_embeds is None else move(inputs_embeds), state)
 
     # ----------------------------------------------------------------- public
     def forward(
