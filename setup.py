@@ -16,8 +16,10 @@ import time
 
 from setuptools import setup
 
-NO_EXT_HINT = ("set IAPT_NO_EXTENSION=1 to install without it (CPU tensors then run the slower reference "
-               "backend; GPU Triton kernels are unaffected)")
+NO_EXT_HINT = (
+    "set IAPT_NO_EXTENSION=1 to install without it (CPU tensors then run the slower reference "
+    "backend; GPU Triton kernels are unaffected)"
+)
 
 
 def _say(msg: str) -> None:
@@ -34,8 +36,9 @@ else:
         raise SystemExit(
             f"iapt_kernels: cannot import torch in the build environment ({exc}), so the C++ CPU extension "
             "cannot be built.\n  Install torch first, then this package with --no-build-isolation:\n"
-            "    pip install torch \"setuptools>=64\" wheel && pip install --no-build-isolation -e .\n"
-            f"  or {NO_EXT_HINT}.") from None
+            '    pip install torch "setuptools>=64" wheel && pip install --no-build-isolation -e .\n'
+            f"  or {NO_EXT_HINT}."
+        ) from None
 
     class ParallelBuildExtension(BuildExtension):
         """Compiles the C++ files in parallel and says what it is doing; a failed compile stops the
@@ -46,22 +49,35 @@ else:
             compiler = self.compiler
             serial = compiler.compile
 
-            def compile_parallel(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
-                                 extra_preargs=None, extra_postargs=None, depends=None):
+            def compile_parallel(
+                sources,
+                output_dir=None,
+                macros=None,
+                include_dirs=None,
+                debug=0,
+                extra_preargs=None,
+                extra_postargs=None,
+                depends=None,
+            ):
                 macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
-                    output_dir, macros, include_dirs, sources, depends, extra_postargs)
+                    output_dir, macros, include_dirs, sources, depends, extra_postargs
+                )
                 cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
                 todo = [o for o in objects if o in build]
                 n = min(jobs, len(todo)) or 1
-                _say(f"compiling {len(todo)} C++ files with {n} parallel jobs (MAX_JOBS sets it); "
-                     "this takes a few minutes")
+                _say(
+                    f"compiling {len(todo)} C++ files with {n} parallel jobs (MAX_JOBS sets it); "
+                    "this takes a few minutes"
+                )
                 t0, done = time.time(), []
 
                 def one(obj):
                     src, ext = build[obj]
                     compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
                     done.append(obj)
-                    _say(f"  compiled {os.path.basename(src)} ({len(done)}/{len(todo)}, {time.time() - t0:.0f} s)")
+                    _say(
+                        f"  compiled {os.path.basename(src)} ({len(done)}/{len(todo)}, {time.time() - t0:.0f} s)"
+                    )
 
                 if n == 1:
                     for o in todo:
@@ -77,8 +93,10 @@ else:
             try:
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001
-                raise SystemExit(f"iapt_kernels: the C++ extension failed to build ({exc}); the compiler's output "
-                                 f"is above. Fix it (a C++17 compiler with OpenMP is needed), or {NO_EXT_HINT}.") from None
+                raise SystemExit(
+                    f"iapt_kernels: the C++ extension failed to build ({exc}); the compiler's output "
+                    f"is above. Fix it (a C++17 compiler with OpenMP is needed), or {NO_EXT_HINT}."
+                ) from None
             finally:
                 compiler.compile = serial
 

@@ -32,8 +32,20 @@ from concurrent.futures import ProcessPoolExecutor
 # The report compiles real GPU code: it must see the JIT kernels, not the interpreter's.
 os.environ.pop("TRITON_INTERPRET", None)
 
-INSTRUCTIONS = ("LDG.E.128", "STG.E.128", "LDG", "STG", "LDGSTS", "UTMALDG", "HMMA", "HGMMA", "RED", "ATOM",
-                "ATOMS", "BAR")
+INSTRUCTIONS = (
+    "LDG.E.128",
+    "STG.E.128",
+    "LDG",
+    "STG",
+    "LDGSTS",
+    "UTMALDG",
+    "HMMA",
+    "HGMMA",
+    "RED",
+    "ATOM",
+    "ATOMS",
+    "BAR",
+)
 DEFAULT_NUM_STAGES = 3  # triton.compile's default, for specs that do not set num_stages
 
 # Per-SM limits (CUDA occupancy calculator): registers, shared memory usable by CTAs, warps, CTAs;
@@ -63,7 +75,9 @@ def _configs(scope: str, ops=OPS, where=()):
     import importlib
 
     corners = {(1, 1), (3, 2), (5, 4), (8, 8)}
-    specs = [spec for op in ops for spec in importlib.import_module(f"iapt_kernels.ops.{op}").launch_configs()]
+    specs = [
+        spec for op in ops for spec in importlib.import_module(f"iapt_kernels.ops.{op}").launch_configs()
+    ]
     for spec in specs:
         cfg = spec["config"]
         if any(str(cfg.get(key)) != value for key, value in where):
@@ -122,14 +136,20 @@ def compile_one(args):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
     num_stages = spec.get("num_stages", DEFAULT_NUM_STAGES)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec["num_warps"], "num_stages": num_stages})
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec["num_warps"], "num_stages": num_stages},
+    )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
     registers, shared = field("REG"), field("SHARED") + int(compiled.metadata.shared)
     ctas = ctas_per_sm(arch, registers, shared, spec["num_warps"])
@@ -171,15 +191,19 @@ def summarize(records) -> str:
     of the fp16/bf16 configs use tensor-core instructions (HMMA, or HGMMA on sm_90), warps and stages,
     fewest CTAs per SM, least KiB of the streamed input in flight per SM (configs that stream one), and
     how many configs use cp.async (LDGSTS) and TMA (UTMALDG)."""
-    head = f"{'kernel':<40}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}" \
-           f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}{'MMA':>8}{'warps':>6}{'stages':>7}{'CTA/SM':>7}" \
-           f"{'KiB/SM':>7}{'LDGSTS':>8}{'UTMALDG':>8}"
+    head = (
+        f"{'kernel':<40}{'arch':>5}{'configs':>8}{'max regs':>9}{'spill B':>8}{'max smem':>9}"
+        f"{'LDG.128':>9}{'STG.128':>9}{'RED+ATOM':>9}{'MMA':>8}{'warps':>6}{'stages':>7}{'CTA/SM':>7}"
+        f"{'KiB/SM':>7}{'LDGSTS':>8}{'UTMALDG':>8}"
+    )
     lines = [head]
     groups = {}
     for r in records:
         groups.setdefault((r["kernel"], r["arch"]), []).append(r)
     for (kernel, arch), rs in sorted(groups.items()):
-        wide = [r for r in rs if r["config"].get("dtype") in ("fp32", "bf16") and not r["config"].get("grouped")]
+        wide = [
+            r for r in rs if r["config"].get("dtype") in ("fp32", "bf16") and not r["config"].get("grouped")
+        ]
         ldg = sum(r["instructions"]["LDG.E.128"] > 0 for r in wide)
         stg = sum(r["instructions"]["STG.E.128"] > 0 for r in wide)
         half = [r for r in rs if r["config"].get("dtype") in ("fp16", "bf16")]
@@ -221,13 +245,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--json", metavar="PATH", help="write the records here")
-    p.add_argument("--scope", choices=["all", "quick", "sample"], default="all",
-                   help="all: every config (default); quick: rational degrees (1,1), (3,2), (5,4), (8,8) only; "
-                        "sample: a few representative configs")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops' kernels (default: all)")
-    p.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="only configs whose `config` has these values, e.g. default=False (the autotune "
-                        "members beside each launcher's default) or dtype=bf16")
+    p.add_argument(
+        "--scope",
+        choices=["all", "quick", "sample"],
+        default="all",
+        help="all: every config (default); quick: rational degrees (1,1), (3,2), (5,4), (8,8) only; "
+        "sample: a few representative configs",
+    )
+    p.add_argument(
+        "--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops' kernels (default: all)"
+    )
+    p.add_argument(
+        "--where",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only configs whose `config` has these values, e.g. default=False (the autotune "
+        "members beside each launcher's default) or dtype=bf16",
+    )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -235,8 +270,9 @@ def main(argv=None) -> int:
     where = [tuple(w.split("=", 1)) for w in args.where]
     if any(len(w) != 2 for w in where):
         p.error(f"--where takes KEY=VALUE, got {args.where}")
-    records = build_report(args.arch, args.scope, args.jobs, progress=not args.no_progress, ops=args.ops,
-                           where=where)
+    records = build_report(
+        args.arch, args.scope, args.jobs, progress=not args.no_progress, ops=args.ops, where=where
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
@@ -245,7 +281,9 @@ def main(argv=None) -> int:
         print(multi_tenant_grids())
     spills = [r for r in records if r["spill_bytes"]]
     if spills:
-        print(f"{len(spills)} configs spill, e.g. {spills[0]['kernel']} {spills[0]['config']}", file=sys.stderr)
+        print(
+            f"{len(spills)} configs spill, e.g. {spills[0]['kernel']} {spills[0]['config']}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -34,8 +34,14 @@ INIT_NAMES: tuple[str, ...] = ("identity", "relu", "leaky_relu", "gelu", "silu",
 def _fits() -> dict[tuple[str, str, int, int], tuple[tuple[float, ...], tuple[float, ...], float]]:
     """`(name, version, m, n) -> (numerator, denominator, max_error)` from the package's JSON."""
     data = json.loads(resources.files("iapt_kernels").joinpath("data", "rational_fits.json").read_text())
-    return {(f["name"], f["version"], f["m"], f["n"]): (tuple(f["numerator"]), tuple(f["denominator"]),
-                                                        f["max_error"]) for f in data["fits"]}
+    return {
+        (f["name"], f["version"], f["m"], f["n"]): (
+            tuple(f["numerator"]),
+            tuple(f["denominator"]),
+            f["max_error"],
+        )
+        for f in data["fits"]
+    }
 
 
 def _check(name: object, degrees: object, version: object) -> tuple[str, int, int, str]:

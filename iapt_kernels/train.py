@@ -151,12 +151,17 @@ def _parse(argv):
     p.add_argument("--num-tenants", type=int, default=1)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
     p.add_argument("--max-length", type=int, default=512, help="truncate instruction + response to this")
-    p.add_argument("--response-prefix", default="\n",
-                   help="with --model: text placed after the soft-token slots, before each response (default "
-                        "%(default)r), so the first response token is predicted at a real token rather than at a "
-                        "slot that IAPT overwrites at every layer; generation prompts must end with it too. "
-                        "'' keeps [instruction][slots][response]. The built-in tiny model uses none")
-    p.add_argument("--eval-size", type=int, default=200, help="held-out examples scored at the end (synthetic task)")
+    p.add_argument(
+        "--response-prefix",
+        default="\n",
+        help="with --model: text placed after the soft-token slots, before each response (default "
+        "%(default)r), so the first response token is predicted at a real token rather than at a "
+        "slot that IAPT overwrites at every layer; generation prompts must end with it too. "
+        "'' keeps [instruction][slots][response]. The built-in tiny model uses none",
+    )
+    p.add_argument(
+        "--eval-size", type=int, default=200, help="held-out examples scored at the end (synthetic task)"
+    )
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -300,7 +305,9 @@ def main(argv=None) -> float | None:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         slot_id = pad_id
-        prefix = tok(args.response_prefix, add_special_tokens=False)["input_ids"] if args.response_prefix else []
+        prefix = (
+            tok(args.response_prefix, add_special_tokens=False)["input_ids"] if args.response_prefix else []
+        )
         if args.data is None:
             log("no --data given: the built-in synthetic task (max / min digit), as text")
             text_task = SyntheticTask()
@@ -344,9 +351,15 @@ def main(argv=None) -> float | None:
     t0, running = time.time(), None
     for step in bar:
         ex = [sample() for _ in range(args.batch_size)]
-        batch = ik.insert_prompt_slots([e[0] for e in ex], [e[1] for e in ex], num_tokens=args.num_tokens,
-                                       pad_token_id=pad_id, slot_token_id=slot_id, max_length=args.max_length,
-                                       response_prefix_ids=prefix)
+        batch = ik.insert_prompt_slots(
+            [e[0] for e in ex],
+            [e[1] for e in ex],
+            num_tokens=args.num_tokens,
+            pad_token_id=pad_id,
+            slot_token_id=slot_id,
+            max_length=args.max_length,
+            response_prefix_ids=prefix,
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         if args.num_tenants > 1:
             batch["tenant_ids"] = torch.randint(0, args.num_tenants, (args.batch_size,), device=device)

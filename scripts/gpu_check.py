@@ -46,11 +46,19 @@ def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: exercise every step")
-    p.add_argument("--budget-s", type=float, default=200.0,
-                   help="seconds for the timing step; baselines left when it runs out are reported skipped")
-    p.add_argument("--tests-rc", type=int, default=None, help="exit status of the CUDA test run (from the .sh)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="seconds for the timing step; baselines left when it runs out are reported skipped",
+    )
+    p.add_argument(
+        "--tests-rc", type=int, default=None, help="exit status of the CUDA test run (from the .sh)"
+    )
     p.add_argument("--tests-log", default=None, help="its output (from the .sh), summarised in the report")
-    p.add_argument("--install-rc", type=int, default=None, help="exit status of the install step (from the .sh)")
+    p.add_argument(
+        "--install-rc", type=int, default=None, help="exit status of the install step (from the .sh)"
+    )
     return p.parse_args(argv)
 
 
@@ -98,18 +106,32 @@ def timing_cases(device, smoke):
 
     if smoke:
         triton = ["triton"]  # the interpreter, so the Triton launch path is what the smoke run times
-        return [("smoke", bc.rational_cases(device, sizes=(256,), backends=triton, compiled=True)
-                 + bc.generator_cases(device, shapes=((2, 8, 16, 8, 4),), backends=triton, compiled=False)
-                 + bc.multi_tenant_cases(device, shapes=((3, 3, 8, 16, 8, 4),), backends=triton,
-                                         compiled=False))]
+        return [
+            (
+                "smoke",
+                bc.rational_cases(device, sizes=(256,), backends=triton, compiled=True)
+                + bc.generator_cases(device, shapes=((2, 8, 16, 8, 4),), backends=triton, compiled=False)
+                + bc.multi_tenant_cases(
+                    device, shapes=((3, 3, 8, 16, 8, 4),), backends=triton, compiled=False
+                ),
+            )
+        ]
     groups = []
     for dtype in (torch.bfloat16, torch.float32):
-        groups.append((f"default {dtype}".replace("torch.", ""),
-                       bc.rational_cases(device, sizes=(bc.RATIONAL_SIZES[-1],), dtypes=(dtype,))
-                       + bc.generator_cases(device, shapes=(bc.GENERATOR_SHAPES[-1],), dtypes=(dtype,))
-                       + bc.multi_tenant_cases(device, shapes=(bc.MULTI_TENANT_SHAPES[-1],), dtypes=(dtype,))))
-    groups.append(("large bfloat16", bc.generator_cases(device, shapes=((1, 4096, 4096, 256, 4),),
-                                                        dtypes=(torch.bfloat16,))))
+        groups.append(
+            (
+                f"default {dtype}".replace("torch.", ""),
+                bc.rational_cases(device, sizes=(bc.RATIONAL_SIZES[-1],), dtypes=(dtype,))
+                + bc.generator_cases(device, shapes=(bc.GENERATOR_SHAPES[-1],), dtypes=(dtype,))
+                + bc.multi_tenant_cases(device, shapes=(bc.MULTI_TENANT_SHAPES[-1],), dtypes=(dtype,)),
+            )
+        )
+    groups.append(
+        (
+            "large bfloat16",
+            bc.generator_cases(device, shapes=((1, 4096, 4096, 256, 4),), dtypes=(torch.bfloat16,)),
+        )
+    )
     return groups
 
 
@@ -124,8 +146,14 @@ def run_timing(device, smoke, budget_s, log):
             if case.op == "multi_tenant_generator" and case.params.get("mix") != "round_robin":
                 continue
             floor_ms = floor_bytes(case) / bandwidth * 1e3
-            row = {"group": group, "case": case.label, "floor_bytes": floor_bytes(case), "floor_ms": floor_ms,
-                   "ms": {}, "skipped": []}
+            row = {
+                "group": group,
+                "case": case.label,
+                "floor_bytes": floor_bytes(case),
+                "floor_ms": floor_ms,
+                "ms": {},
+                "skipped": [],
+            }
             for name, fn in case.impls.items():
                 if name == "compiled" and time.monotonic() > deadline:
                     row["skipped"].append(name)  # compiling is what costs: drop it first
@@ -145,8 +173,12 @@ def run_timing(device, smoke, budget_s, log):
             log(f"timing: {case.label}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items()))
             rows.append(row)
     errors = [f"{r['case']} {n}" for r in rows for n in r.get("errors", {})]
-    return {"ok": not errors, "detail": "errors in " + ", ".join(errors) if errors else "timed",
-            "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
+    return {
+        "ok": not errors,
+        "detail": "errors in " + ", ".join(errors) if errors else "timed",
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- training
@@ -162,8 +194,15 @@ def _batches(steps, batch_size, seed):
     out = []
     for _ in range(steps):
         pairs = [task.sample(rng) for _ in range(batch_size)]
-        out.append(insert_prompt_slots([p[0] for p in pairs], [p[1] for p in pairs], num_tokens=4,
-                                       pad_token_id=task.PAD, slot_token_id=task.SLOT))
+        out.append(
+            insert_prompt_slots(
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
+                num_tokens=4,
+                pad_token_id=task.PAD,
+                slot_token_id=task.SLOT,
+            )
+        )
     return out
 
 
@@ -172,7 +211,9 @@ def train_losses(backend, dtype, device, steps, batches):
     from iapt_kernels.train import SyntheticTask, tiny_llama
 
     # HF's init (std 0.02), as tests/test_convergence.py: the demo's 0.2 is chaotic under AdamW.
-    model = tiny_llama(SyntheticTask.vocab_size, seed=0, initializer_range=0.02).to(device=device, dtype=dtype)
+    model = tiny_llama(SyntheticTask.vocab_size, seed=0, initializer_range=0.02).to(
+        device=device, dtype=dtype
+    )
     torch.manual_seed(1)
     w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, backend=backend))
     w.to(device)  # the generators stay fp32
@@ -197,9 +238,14 @@ def run_train(dtype, device, smoke, fused):
     first_tol, any_tol = TRAIN_TOL[str(dtype).replace("torch.", "")]
     finite = all(math.isfinite(x) for x in got + want)
     ok = finite and rel[0] <= first_tol and max(rel) <= any_tol
-    return {"ok": ok, "detail": f"max relative loss difference {max(rel):.2e} over {steps} steps "
-                                f"(first {rel[0]:.2e}; limits {first_tol:g} / {any_tol:g})",
-            "fused_backend": fused, "losses_fused": got, "losses_reference": want}
+    return {
+        "ok": ok,
+        "detail": f"max relative loss difference {max(rel):.2e} over {steps} steps "
+        f"(first {rel[0]:.2e}; limits {first_tol:g} / {any_tol:g})",
+        "fused_backend": fused,
+        "losses_fused": got,
+        "losses_reference": want,
+    }
 
 
 # --------------------------------------------------------------------------- serving
@@ -230,16 +276,20 @@ def run_generate(device, smoke):
     problems = []
     for i in range(len(instr)):
         one = {k: v.to(device) for k, v in ik.insert_prompt_slots([instr[i]], **kw).items()}
-        alone = w.generate(**one, tenant_ids=tenants[i:i + 1], max_new_tokens=n, do_sample=False)
-        if not torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1]:]):
+        alone = w.generate(**one, tenant_ids=tenants[i : i + 1], max_new_tokens=n, do_sample=False)
+        if not torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1] :]):
             problems.append(f"request {i} (tenant {int(tenants[i])}): batched != alone")
         if int(tenants[i]) < 0:  # no adapter: the base model on the bare instruction, no slot tokens
             ids = torch.tensor([instr[i]], device=device)
-            bare = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                  do_sample=False)
-            if not torch.equal(out[i, S:], bare[0, ids.shape[1]:]):
+            bare = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+            )
+            if not torch.equal(out[i, S:], bare[0, ids.shape[1] :]):
                 problems.append(f"request {i}: tenant -1 != the bare backbone on its instruction")
-    return {"ok": not problems, "detail": "; ".join(problems) or f"{len(instr)} requests, {n} tokens each: equal"}
+    return {
+        "ok": not problems,
+        "detail": "; ".join(problems) or f"{len(instr)} requests, {n} tokens each: equal",
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -248,8 +298,12 @@ def run_generate(device, smoke):
 def _environment(device):
     import triton
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-           "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    }
     try:
         import transformers
 
@@ -274,28 +328,41 @@ def write_report(out, results):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     env, checks = results["environment"], results["checks"]
-    lines = [f"# GPU check{' (smoke: CPU, interpreter, tiny shapes; figures mean nothing)' if results['smoke'] else ''}",
-             "", f"{results['date']}, {env['device']}; Python {env['python']}, torch {env['torch']}, "
-             f"triton {env['triton']}, transformers {env['transformers']}; backends {env['backends']}.", "",
-             "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {name} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |" for name, c in checks.items()]
+    lines = [
+        f"# GPU check{' (smoke: CPU, interpreter, tiny shapes; figures mean nothing)' if results['smoke'] else ''}",
+        "",
+        f"{results['date']}, {env['device']}; Python {env['python']}, torch {env['torch']}, "
+        f"triton {env['triton']}, transformers {env['transformers']}; backends {env['backends']}.",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |" for name, c in checks.items()
+    ]
     timing = checks.get("timing", {})
     if timing.get("rows"):
         bw = timing["copy_bandwidth_bytes_per_s"]
-        lines += ["", f"Measured device copy bandwidth: {bw / 1e9:.1f} GB/s (read + write of a 1 GiB buffer). "
-                  "`floor` is the time to move the op's minimum bytes at that bandwidth; `% of copy bw` is "
-                  "floor / fused time.", "",
-                  "| shape group | case | fused ms | reference ms | compiled ms | floor ms | % of copy bw | vs ref | vs compiled |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Measured device copy bandwidth: {bw / 1e9:.1f} GB/s (read + write of a 1 GiB buffer). "
+            "`floor` is the time to move the op's minimum bytes at that bandwidth; `% of copy bw` is "
+            "floor / fused time.",
+            "",
+            "| shape group | case | fused ms | reference ms | compiled ms | floor ms | % of copy bw | vs ref | vs compiled |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in timing["rows"]:
             ms = r["ms"]
             fused = ms.get(r.get("fused"), float("nan"))
             cell = lambda v, fmt="{:.3f}": "–" if v is None else fmt.format(v)  # noqa: E731
-            lines.append(f"| {r['group']} | `{r['case']}` | {cell(fused)} | {cell(ms.get('reference'))} | "
-                         f"{cell(ms.get('compiled'))} | {r['floor_ms']:.3f} | "
-                         f"{cell(r.get('fraction_of_copy_bandwidth'), '{:.0%}')} | "
-                         f"{cell(r.get('speedup_vs_reference'), '{:.1f}x')} | "
-                         f"{cell(r.get('speedup_vs_compiled'), '{:.2f}x')} |")
+            lines.append(
+                f"| {r['group']} | `{r['case']}` | {cell(fused)} | {cell(ms.get('reference'))} | "
+                f"{cell(ms.get('compiled'))} | {r['floor_ms']:.3f} | "
+                f"{cell(r.get('fraction_of_copy_bandwidth'), '{:.0%}')} | "
+                f"{cell(r.get('speedup_vs_reference'), '{:.1f}x')} | "
+                f"{cell(r.get('speedup_vs_compiled'), '{:.2f}x')} |"
+            )
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -314,18 +381,26 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
-               "environment": _environment(device), "checks": {}}
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "smoke": args.smoke,
+        "environment": _environment(device),
+        "checks": {},
+    }
     checks = results["checks"]
     if args.install_rc is not None:
         checks["install"] = {"ok": args.install_rc == 0, "detail": f"pip exit status {args.install_rc}"}
     if args.tests_rc is not None:
-        checks["tests"] = {"ok": args.tests_rc == 0,
-                           "detail": f"pytest exit status {args.tests_rc}: {_tests_summary(args.tests_log)}"}
-    steps = [("timing", lambda: run_timing(device, args.smoke, args.budget_s, log)),
-             ("train-fp32", lambda: run_train(torch.float32, device, args.smoke, fused)),
-             ("train-bf16", lambda: run_train(torch.bfloat16, device, args.smoke, fused)),
-             ("generate", lambda: run_generate(device, args.smoke))]
+        checks["tests"] = {
+            "ok": args.tests_rc == 0,
+            "detail": f"pytest exit status {args.tests_rc}: {_tests_summary(args.tests_log)}",
+        }
+    steps = [
+        ("timing", lambda: run_timing(device, args.smoke, args.budget_s, log)),
+        ("train-fp32", lambda: run_train(torch.float32, device, args.smoke, fused)),
+        ("train-bf16", lambda: run_train(torch.bfloat16, device, args.smoke, fused)),
+        ("generate", lambda: run_generate(device, args.smoke)),
+    ]
     for name, step in steps:
         t0 = time.monotonic()
         log(f"{name}: start")

@@ -14,7 +14,8 @@ import iapt_kernels
 from iapt_kernels.ops import attention_pool as ap
 
 pytestmark = pytest.mark.skipif(
-    "triton" not in iapt_kernels.available_backends(), reason="the Triton backend is not available")
+    "triton" not in iapt_kernels.available_backends(), reason="the Triton backend is not available"
+)
 INTERPRETED = not torch.cuda.is_available()
 
 
@@ -23,9 +24,14 @@ def _seed(*key):
 
 
 def _weights(d, r, L, gen, dtype=torch.float32):
-    return [t.to(dtype).requires_grad_() for t in
-            (torch.randn(r, d, generator=gen) / d ** 0.5, torch.randn(r, generator=gen) * 0.1,
-             torch.randn(L, r, generator=gen) / r ** 0.5)]
+    return [
+        t.to(dtype).requires_grad_()
+        for t in (
+            torch.randn(r, d, generator=gen) / d**0.5,
+            torch.randn(r, generator=gen) * 0.1,
+            torch.randn(L, r, generator=gen) / r**0.5,
+        )
+    ]
 
 
 def _run(h, mask, weights, grad, cu_seqlens=None, backend="triton", device="cpu"):
@@ -37,8 +43,13 @@ def _run(h, mask, weights, grad, cu_seqlens=None, backend="triton", device="cpu"
     u = iapt_kernels.attention_pool(h, mask, *weights, cu_seqlens=cu_seqlens, backend=backend)
     assert u.device.type == torch.device(device).type
     u.backward(grad.to(device, u.dtype))
-    return {"U": u.detach(), "hidden_states": h.grad, "down_weight": weights[0].grad,
-            "down_bias": weights[1].grad, "pool_weight": weights[2].grad}
+    return {
+        "U": u.detach(),
+        "hidden_states": h.grad,
+        "down_weight": weights[0].grad,
+        "down_bias": weights[1].grad,
+        "pool_weight": weights[2].grad,
+    }
 
 
 def _check_against_reference(h, mask, weights, gen, tol, context, cu_seqlens=None, device="cpu"):
@@ -80,8 +91,9 @@ def test_lengths_across_chunk_boundaries(backend, device, num_sms, monkeypatch):
         mask = torch.rand(B, S, generator=gen) < 0.7
         mask[:, -1] = True  # the last position, in the last (ragged) chunk
         h[~mask] = float("nan")
-        out = _check_against_reference(h, mask, weights, gen, TOLERANCE[torch.float32], f"B={B} S={S}",
-                                       device=device)
+        out = _check_against_reference(
+            h, mask, weights, gen, TOLERANCE[torch.float32], f"B={B} S={S}", device=device
+        )
         assert torch.all(out["hidden_states"][~mask] == 0)
 
 
@@ -114,8 +126,9 @@ def test_packed_sequences_of_very_different_lengths(backend, device, num_sms, mo
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     h = torch.randn(int(cu[-1]), d, generator=gen)
-    _check_against_reference(h, None, weights, gen, TOLERANCE[torch.float32], f"lengths={lengths}", cu_seqlens=cu,
-                             device=device)
+    _check_against_reference(
+        h, None, weights, gen, TOLERANCE[torch.float32], f"lengths={lengths}", cu_seqlens=cu, device=device
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -145,16 +158,34 @@ def test_autotune_members_share_tiles_and_are_all_in_the_static_report():
         assert len(members) == len({tuple(m.items()) for m in members}) >= 2
         for name in ("_attention_pool_fwd_kernel", "_attention_pool_bwd_kernel"):
             for io in ("fp32", "fp16", "bf16", "fp64"):
-                got = [(s["num_warps"], s["num_stages"]) for s in specs if s["name"] == name
-                       and s["config"]["L_PAD"] == l_pad and s["config"]["dtype"] == io
-                       and not s["config"]["packed"] and not s["config"]["multi_tenant"]]
+                got = [
+                    (s["num_warps"], s["num_stages"])
+                    for s in specs
+                    if s["name"] == name
+                    and s["config"]["L_PAD"] == l_pad
+                    and s["config"]["dtype"] == io
+                    and not s["config"]["packed"]
+                    and not s["config"]["multi_tenant"]
+                ]
                 assert got == [(m["num_warps"], m["num_stages"]) for m in members]
-                assert len({s["constexprs"]["BLOCK_D"] for s in specs if s["name"] == name
-                            and s["config"]["L_PAD"] == l_pad and s["config"]["dtype"] == io}) == 1
+                assert (
+                    len(
+                        {
+                            s["constexprs"]["BLOCK_D"]
+                            for s in specs
+                            if s["name"] == name
+                            and s["config"]["L_PAD"] == l_pad
+                            and s["config"]["dtype"] == io
+                        }
+                    )
+                    == 1
+                )
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter runs the default member)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the interpreter runs the default member)"
+)
 @pytest.mark.parametrize("member", range(2))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_autotune_member_matches_the_reference(member, dtype, monkeypatch):
@@ -167,11 +198,21 @@ def test_every_autotune_member_matches_the_reference(member, dtype, monkeypatch)
     weights = _weights(d, r, L, gen, dtype)
     h = torch.randn(B, S, d, generator=gen).to(dtype)
     mask = torch.rand(B, S, generator=gen) < 0.7
-    _check_against_reference(h, mask, weights, gen, TOLERANCE[dtype], f"member {members[member]}", device="cuda")
+    _check_against_reference(
+        h, mask, weights, gen, TOLERANCE[dtype], f"member {members[member]}", device="cuda"
+    )
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = mask.sum(1).cumsum(0)
-    _check_against_reference(h[mask], None, weights, gen, TOLERANCE[dtype], f"member {members[member]} packed",
-                             cu_seqlens=cu, device="cuda")
+    _check_against_reference(
+        h[mask],
+        None,
+        weights,
+        gen,
+        TOLERANCE[dtype],
+        f"member {members[member]} packed",
+        cu_seqlens=cu,
+        device="cuda",
+    )
 
 
 @pytest.mark.gpu

@@ -8,9 +8,22 @@ import torch
 
 from iapt_kernels.bench import cost, report
 
-REQUIRED_OP_KEYS = {"op", "shape", "dtype", "backend", "mode", "median_ms", "bytes_reference", "bytes_fused",
-                    "flops_reference", "flops_fused", "launches_reference", "launches_fused",
-                    "h100_ms_reference", "h100_ms_fused"}
+REQUIRED_OP_KEYS = {
+    "op",
+    "shape",
+    "dtype",
+    "backend",
+    "mode",
+    "median_ms",
+    "bytes_reference",
+    "bytes_fused",
+    "flops_reference",
+    "flops_fused",
+    "launches_reference",
+    "launches_fused",
+    "h100_ms_reference",
+    "h100_ms_fused",
+}
 REQUIRED_E2E_KEYS = {"method", "tenants", "tokens_per_s", "prefill_ms"}
 
 
@@ -46,10 +59,13 @@ def test_counter_elementwise_is_numel_and_sees_backward():
 
 
 def test_counter_on_meta_matches_cpu():
-    fwd = {dev: cost.reference_cost("generator", dict(B=2, S=16, d=32, r=8, L=4), torch.float32, "fwd+bwd")
-           for dev in ("meta",)}
-    ref = cost.count(cost._reference_call("generator", dict(B=2, S=16, d=32, r=8, L=4), torch.float32,
-                                          "fwd+bwd", "cpu"))
+    fwd = {
+        dev: cost.reference_cost("generator", dict(B=2, S=16, d=32, r=8, L=4), torch.float32, "fwd+bwd")
+        for dev in ("meta",)
+    }
+    ref = cost.count(
+        cost._reference_call("generator", dict(B=2, S=16, d=32, r=8, L=4), torch.float32, "fwd+bwd", "cpu")
+    )
     assert fwd["meta"] == ref
 
 
@@ -100,14 +116,52 @@ def test_model_rows_have_cost_fields():
 def _fake_e2e():
     recs = []
     for t in (1, 2, 4):
-        recs.append(dict(method="iapt", tenants=t, prompt_tokens=132, trainable_params_per_tenant=100,
-                         prefill_ms=10.0 + t, tokens_per_s=200.0, generate_ms=100.0, config="iapt"))
-        recs.append(dict(method="lora", tenants=t, prompt_tokens=128, trainable_params_per_tenant=102,
-                         prefill_ms=8.0, tokens_per_s=400.0 / t, generate_ms=100.0, config="lora"))
-    base = dict(method="base", tenants=0, prompt_tokens=128, trainable_params_per_tenant=0, prefill_ms=7.0,
-                tokens_per_s=450.0, generate_ms=90.0)
-    setup = dict(model="tiny", requests=16, prompt_len=128, new_tokens=64, iapt="L=4", iapt_params_per_tenant=100,
-                 lora_rank=1, lora_params_per_tenant=102, lora_targets=["q_proj"], repeats=1, threads=1)
+        recs.append(
+            dict(
+                method="iapt",
+                tenants=t,
+                prompt_tokens=132,
+                trainable_params_per_tenant=100,
+                prefill_ms=10.0 + t,
+                tokens_per_s=200.0,
+                generate_ms=100.0,
+                config="iapt",
+            )
+        )
+        recs.append(
+            dict(
+                method="lora",
+                tenants=t,
+                prompt_tokens=128,
+                trainable_params_per_tenant=102,
+                prefill_ms=8.0,
+                tokens_per_s=400.0 / t,
+                generate_ms=100.0,
+                config="lora",
+            )
+        )
+    base = dict(
+        method="base",
+        tenants=0,
+        prompt_tokens=128,
+        trainable_params_per_tenant=0,
+        prefill_ms=7.0,
+        tokens_per_s=450.0,
+        generate_ms=90.0,
+    )
+    setup = dict(
+        model="tiny",
+        requests=16,
+        prompt_len=128,
+        new_tokens=64,
+        iapt="L=4",
+        iapt_params_per_tenant=100,
+        lora_rank=1,
+        lora_params_per_tenant=102,
+        lora_targets=["q_proj"],
+        repeats=1,
+        threads=1,
+    )
     return {"records": recs, "base": base, "setup": setup, "errors": []}
 
 
@@ -128,9 +182,20 @@ def test_iapt_bench_quick_writes_every_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cases, "QUICK_GENERATOR_SHAPES", ((2, 16, 64, 8, 4),))
     monkeypatch.setattr(cases, "QUICK_MULTI_TENANT_SHAPES", ((2, 3, 16, 64, 8, 4),))
     out = tmp_path / "out"
-    assert main(["--quick", "--no-e2e", "--no-compile", "--min-time", "0.005", "--no-progress",
-                 "--out", str(out)]) == 0
-    for name in ("report.md", "results.json", "results.csv", "model.csv", "speedup_ops.png", "model_h100.png"):
+    assert (
+        main(
+            ["--quick", "--no-e2e", "--no-compile", "--min-time", "0.005", "--no-progress", "--out", str(out)]
+        )
+        == 0
+    )
+    for name in (
+        "report.md",
+        "results.json",
+        "results.csv",
+        "model.csv",
+        "speedup_ops.png",
+        "model_h100.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
     assert {"ops", "e2e", "model", "machine", "command"} <= set(data)

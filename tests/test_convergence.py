@@ -31,9 +31,17 @@ SLOT, PAD = 3, 0
 # skipped with "needs CUDA" here). Triton in its CPU interpreter is exact but takes ~10 s a step on 2
 # cores, too slow for 32 steps in CI; its one-step parity on a Hugging Face model is
 # test_integration.py::test_triton_backend_switch_matches_reference. The reference runs on the same device.
-FUSED = [pytest.param("cpp", "cpu", id="cpp-cpu", marks=pytest.mark.skipif(
-             "cpp" not in ik.available_backends(), reason="the C++ extension is not built")),
-         pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)]
+FUSED = [
+    pytest.param(
+        "cpp",
+        "cpu",
+        id="cpp-cpu",
+        marks=pytest.mark.skipif(
+            "cpp" not in ik.available_backends(), reason="the C++ extension is not built"
+        ),
+    ),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+]
 
 
 def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
@@ -56,20 +64,32 @@ def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
 
 
 @functools.cache  # the fp32 reference run serves two tests
-def train(backend: str, where: str = "cpu", *, steps: int = STEPS, checkpointing: bool = False,
-          num_tenants: int = 1, dtype: torch.dtype = torch.float32) -> tuple[list[float], dict]:
+def train(
+    backend: str,
+    where: str = "cpu",
+    *,
+    steps: int = STEPS,
+    checkpointing: bool = False,
+    num_tenants: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[float], dict]:
     """Per-step losses and the final generator state_dict of one training run."""
     # Hugging Face's initialisation (std 0.02): the demo's 0.2 makes a chaotic model, in which AdamW turns
     # last-bit differences into visible ones within a few steps whatever the kernels.
     model = tiny_llama(VOCAB, seed=0, initializer_range=0.02).to(where, dtype)
     torch.manual_seed(1)  # same generator initialisation for every backend
-    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=L, bottleneck_size=R, num_tenants=num_tenants,
-                                           backend=backend))
+    w = ik.apply_iapt(
+        model, ik.IAPTConfig(num_tokens=L, bottleneck_size=R, num_tenants=num_tenants, backend=backend)
+    )
     w.to(where).train()
     if checkpointing:
-        enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+        enable = (
+            getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+        )
         enable()
-        newer = hasattr(type(w.model), "is_activation_checkpointing")  # the older name warns in transformers 5
+        newer = hasattr(
+            type(w.model), "is_activation_checkpointing"
+        )  # the older name warns in transformers 5
         assert getattr(w.model, "is_activation_checkpointing" if newer else "is_gradient_checkpointing")
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
     batches = fixed_batches(num_tenants)

@@ -67,7 +67,9 @@ def _train_and_save(rank: int, out_dir: str, mode: str) -> None:
     w.eval()
     with torch.no_grad():
         logits = net(**eval_batch).logits
-    torch.save({"losses": losses, "params": gathered, "logits": logits}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"losses": losses, "params": gathered, "logits": logits}, os.path.join(out_dir, f"rank{rank}.pt")
+    )
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

@@ -18,7 +18,9 @@ from iapt_kernels.fits import INIT_NAMES, _fits, fit_max_error, rational_init
 # The package data as shipped (iapt_kernels/data/rational_fits.json), read as a user's install reads it.
 DATA = json.loads(resources.files("iapt_kernels").joinpath("data", "rational_fits.json").read_text())
 FITS = _fits()
-PUBLISHED_MAX_ERROR = {(e["name"], e["version"], e["m"], e["n"]): e["max_error"] for e in DATA["published_max_error"]}
+PUBLISHED_MAX_ERROR = {
+    (e["name"], e["version"], e["m"], e["n"]): e["max_error"] for e in DATA["published_max_error"]
+}
 
 FITTED = ("relu", "leaky_relu", "gelu", "silu", "tanh", "sigmoid")
 DEGREES = [(m, n) for m in range(1, 9) for n in range(1, 9)]

@@ -21,6 +21,7 @@ SHAPES = list(itertools.product([1, 3], [1, 7, 129], [16, 80, 257], [8, 48], [1,
 def pairwise_subset(cases):
     """A subset of `cases` in which every pair of values of any two parameters still appears
     (greedy covering): the reduced-precision runs check dtype handling, the full grid runs in fp32."""
+
     def pairs(c):
         return {(i, c[i], j, c[j]) for i, j in itertools.combinations(range(len(c)), 2)}
 
@@ -33,7 +34,15 @@ def pairwise_subset(cases):
     return chosen
 
 
-PARAMS = ("down.weight", "down.bias", "pool.weight", "act.numerator", "act.denominator", "up.weight", "up.bias")
+PARAMS = (
+    "down.weight",
+    "down.bias",
+    "pool.weight",
+    "act.numerator",
+    "act.denominator",
+    "up.weight",
+    "up.bias",
+)
 
 
 def _seed(*key):
@@ -100,8 +109,9 @@ def check_parity(out, ref, tol, context):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16], ids=str
+)
 def test_generator_parity_with_float64_reference(backend, device, dtype):
     tol = TOLERANCE[dtype]
     shapes = SHAPES if dtype == torch.float32 else pairwise_subset(SHAPES)
@@ -129,8 +139,12 @@ def test_every_mask_kind_at_a_prime_length(backend, device):
         fused, ref = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
         h = torch.randn(B, S, d, generator=gen)
         grad = torch.rand(B, L, d, generator=gen) + 0.5
-        check_parity(run_generator(fused, h, mask, grad), run_generator(ref, h.double(), mask, grad.double()),
-                     1e-5, kind)
+        check_parity(
+            run_generator(fused, h, mask, grad),
+            run_generator(ref, h.double(), mask, grad.double()),
+            1e-5,
+            kind,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,15 +188,23 @@ def test_empty_instruction_pools_to_zero(backend, device):
     fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
     mask = torch.zeros(B, S, dtype=torch.bool, device=device)
     h = torch.full((B, S, d), float("nan"), device=device)
-    u = iapt_kernels.attention_pool(h, mask, fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
+    u = iapt_kernels.attention_pool(
+        h, mask, fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend
+    )
     assert torch.equal(u, torch.zeros(B, L, r, device=device))
     out = run_generator(fused, h, mask, torch.ones(B, L, d))
     for key, value in out.items():
         assert torch.isfinite(value).all(), key
     assert torch.equal(out["hidden_states"], torch.zeros(B, S, d, device=device))
     # S = 0: no tokens at all
-    u0 = iapt_kernels.attention_pool(torch.zeros(B, 0, d, device=device), torch.zeros(B, 0, dtype=torch.bool, device=device),
-                                     fused.down.weight, fused.down.bias, fused.pool.weight, backend=backend)
+    u0 = iapt_kernels.attention_pool(
+        torch.zeros(B, 0, d, device=device),
+        torch.zeros(B, 0, dtype=torch.bool, device=device),
+        fused.down.weight,
+        fused.down.bias,
+        fused.pool.weight,
+        backend=backend,
+    )
     assert torch.equal(u0, torch.zeros(B, L, r, device=device))
 
 
@@ -204,8 +226,10 @@ def test_gradcheck_float64(backend, device):
     gen = _seed("gradcheck")
     B, S, d, r, L = 2, 5, 6, 3, 2
     mask = torch.tensor([[True, False, True, True, False], [False] * 5], device=device)
-    h, wd, bd, wp = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-                     for shape in ((B, S, d), (r, d), (r,), (L, r)))
+    h, wd, bd, wp = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+        for shape in ((B, S, d), (r, d), (r,), (L, r))
+    )
     fn = lambda h_, a, b, c: iapt_kernels.attention_pool(h_, mask, a, b, c, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, wd, bd, wp))
 
@@ -214,9 +238,16 @@ def test_gradcheck_float64(backend, device):
 
 
 def _args(B=2, S=5, d=8, r=4, L=3, dtype=torch.float32, device="cpu"):
-    return tuple(t.to(device) for t in (
-        torch.randn(B, S, d, dtype=dtype), torch.ones(B, S, dtype=torch.bool),
-        torch.randn(r, d, dtype=dtype), torch.randn(r, dtype=dtype), torch.randn(L, r, dtype=dtype)))
+    return tuple(
+        t.to(device)
+        for t in (
+            torch.randn(B, S, d, dtype=dtype),
+            torch.ones(B, S, dtype=torch.bool),
+            torch.randn(r, d, dtype=dtype),
+            torch.randn(r, dtype=dtype),
+            torch.randn(L, r, dtype=dtype),
+        )
+    )
 
 
 def _packed_args(device="cpu"):
@@ -256,7 +287,10 @@ def test_bad_input_padded(backend, device):
 def test_bad_input_packed(backend, device):
     h, wd, bd, wp = _packed_args(device)
     cu32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
-    call = lambda cu, **k: iapt_kernels.attention_pool(h, None, wd, bd, wp, cu_seqlens=cu, backend=backend, **k)  # noqa: E731
+
+    def call(cu, **k):
+        return iapt_kernels.attention_pool(h, None, wd, bd, wp, cu_seqlens=cu, backend=backend, **k)
+
     with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor"):
         call(torch.tensor([0, 3, 7], device=device))
     with pytest.raises(ValueError, match="must start at 0"):
@@ -266,8 +300,15 @@ def test_bad_input_packed(backend, device):
     with pytest.raises(ValueError, match="must end at N"):
         call(cu32([0, 3, 6]))
     with pytest.raises(ValueError, match="not both"):
-        iapt_kernels.attention_pool(h, torch.ones(1, 7, dtype=torch.bool, device=device), wd, bd, wp,
-                                    cu_seqlens=cu32([0, 7]), backend=backend)
+        iapt_kernels.attention_pool(
+            h,
+            torch.ones(1, 7, dtype=torch.bool, device=device),
+            wd,
+            bd,
+            wp,
+            cu_seqlens=cu32([0, 7]),
+            backend=backend,
+        )
 
 
 def test_generator_constructor_errors():
@@ -346,10 +387,15 @@ def test_bytes_saved_for_backward_at_most_a_quarter_of_reference():
     h = torch.randn(B, S, d, requires_grad=True)
     mask = torch.rand(B, S) < 0.8
     results = {}
-    for name, module in (("fused", iapt_kernels.PromptGenerator(d, r, L)), ("reference", reference.PromptGenerator(d, r, L))):
+    for name, module in (
+        ("fused", iapt_kernels.PromptGenerator(d, r, L)),
+        ("reference", reference.PromptGenerator(d, r, L)),
+    ):
+
         def run(module=module):
             module(h, mask)
             return [h, *module.parameters()]
+
         results[name] = saved_bytes(run)
     fused_total, fused_added = results["fused"]
     ref_total, ref_added = results["reference"]

@@ -27,8 +27,14 @@ def _module():
 def test_smoke_run_passes_every_step_and_writes_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets its own
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert set(files) == {"log.txt", "pytest.txt", "report.md", "results.json"} and len(files) <= 8
@@ -36,8 +42,12 @@ def test_smoke_run_passes_every_step_and_writes_at_most_eight_files(tmp_path):
     assert set(results["checks"]) == CHECKS
     assert all(c["ok"] for c in results["checks"].values()), results["checks"]
     timing = results["checks"]["timing"]["rows"]
-    assert {r["case"].split("[")[0] for r in timing} == {"rational", "attention_pool", "generator",
-                                                         "multi_tenant_generator"}
+    assert {r["case"].split("[")[0] for r in timing} == {
+        "rational",
+        "attention_pool",
+        "generator",
+        "multi_tenant_generator",
+    }
     assert all(r["fused"] == "triton" and r["fraction_of_copy_bandwidth"] > 0 for r in timing)
     assert any("compiled" in r["ms"] for r in timing)  # the torch.compile baseline is exercised too
     assert len(results["checks"]["train-fp32"]["losses_fused"]) == 3
@@ -86,6 +96,10 @@ def test_floor_bytes_follow_the_ops_minimum_traffic():
 def test_gpu_check_refuses_to_run_without_cuda_unless_smoke(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("CUDA is present")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "--smoke" in proc.stderr

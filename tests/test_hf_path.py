@@ -45,8 +45,9 @@ def test_generate_without_cache_equals_cached_and_forward_loop(tenants):
     loop = greedy_loop(w, g, n, **kw)
     assert torch.equal(cached, loop)
     assert torch.equal(uncached, loop)
-    base = w.model.generate(input_ids=g["input_ids"], attention_mask=g["attention_mask"], max_new_tokens=n,
-                            do_sample=False)
+    base = w.model.generate(
+        input_ids=g["input_ids"], attention_mask=g["attention_mask"], max_new_tokens=n, do_sample=False
+    )
     assert not torch.equal(base, cached)  # the prompts do matter
 
 
@@ -54,8 +55,9 @@ def test_generate_refuses_a_cache_that_ends_inside_the_prompt():
     w = wrap(tiny_model("llama"))
     g = batch("left", responses=False)
     with torch.no_grad():
-        pkv = w.model(input_ids=g["input_ids"][:, :3], attention_mask=g["attention_mask"][:, :3],
-                      use_cache=True).past_key_values
+        pkv = w.model(
+            input_ids=g["input_ids"][:, :3], attention_mask=g["attention_mask"][:, :3], use_cache=True
+        ).past_key_values
     with pytest.raises(RuntimeError, match="covers positions \\[3,"):
         w.generate(**g, past_key_values=pkv, max_new_tokens=2, do_sample=False)
 
@@ -79,11 +81,23 @@ def test_save_pretrained_writes_the_adapter(tmp_path):
 def test_trainer_save_model_and_checkpoints_reload(tmp_path, arch):
     w = wrap(tiny_model(arch))
     data = [{"instruction_ids": INSTR[i], "response_ids": RESP[i]} for i in range(3)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=3,
-                                          report_to=[], use_cpu=True, save_strategy="steps", save_steps=1,
-                                          remove_unused_columns=False, learning_rate=1e-2)
-    trainer = transformers.Trainer(model=w, args=args, train_dataset=data,
-                                   data_collator=ik.IAPTDataCollator(num_tokens=L, pad_token_id=0))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=1,
+        remove_unused_columns=False,
+        learning_rate=1e-2,
+    )
+    trainer = transformers.Trainer(
+        model=w,
+        args=args,
+        train_dataset=data,
+        data_collator=ik.IAPTDataCollator(num_tokens=L, pad_token_id=0),
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     b = batch("right")
@@ -148,7 +162,9 @@ def test_padded_inputs_to_insert_prompt_slots():
     padded = torch.tensor([[5, 6, 7], [8, 9, 0]])
     with pytest.raises(ValueError, match="looks padded"):
         ik.insert_prompt_slots(padded, num_tokens=2, pad_token_id=0)
-    enc = transformers.BatchEncoding({"input_ids": padded, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])})
+    enc = transformers.BatchEncoding(
+        {"input_ids": padded, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    )
     got = ik.insert_prompt_slots(enc, num_tokens=2, pad_token_id=0)
     want = ik.insert_prompt_slots([[5, 6, 7], [8, 9]], num_tokens=2, pad_token_id=0)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -180,7 +196,9 @@ def test_tenant_minus_one_generates_like_the_base_model_on_the_bare_instruction(
     out = w.generate(**g, tenant_ids=torch.tensor([-1, 0, -1]), max_new_tokens=n, do_sample=False)
     for i in (0, 2):
         bare = torch.tensor([INSTR[i]])
-        base = model.generate(input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n, do_sample=False)
+        base = model.generate(
+            input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n, do_sample=False
+        )
         assert torch.equal(out[i, -n:], base[0, -n:]), i
     right = batch("right", responses=False)
     with pytest.raises(ValueError, match="left-padded prompts"):
@@ -236,7 +254,9 @@ def test_backbone_called_directly_after_a_checkpointed_step_is_bare():
     bare = copy.deepcopy(model)
     w = wrap(model)
     w.train()
-    enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+    enable = (
+        getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+    )
     enable()
     b = batch("right")
     w(**b).loss.backward()
@@ -278,13 +298,16 @@ def test_lengths_are_checked():
     long = ik.insert_prompt_slots([list(range(5, 125)) * 2], [[7, 8]], num_tokens=L, pad_token_id=0)
     with pytest.raises(ValueError, match="exceeds the 128 positions .* max_length=128"):
         w(**long)
-    cut = ik.insert_prompt_slots([list(range(5, 125)) * 2], [[7, 8]], num_tokens=L, pad_token_id=0, max_length=128)
+    cut = ik.insert_prompt_slots(
+        [list(range(5, 125)) * 2], [[7, 8]], num_tokens=L, pad_token_id=0, max_length=128
+    )
     assert cut["input_ids"].shape[1] == 128
     assert cut["input_ids"][0, -L - 3].item() == 124  # left truncation keeps the instruction's end
     assert cut["labels"][0, -2:].tolist() == [7, 8]
     w(**cut).loss.backward()
-    right = ik.insert_prompt_slots([[9, 10, 11, 12]], [[7]], num_tokens=2, pad_token_id=0, max_length=5,
-                                   truncation_side="right")
+    right = ik.insert_prompt_slots(
+        [[9, 10, 11, 12]], [[7]], num_tokens=2, pad_token_id=0, max_length=5, truncation_side="right"
+    )
     assert right["input_ids"].tolist() == [[9, 10, 0, 0, 7]]
     with pytest.raises(ValueError, match="max_new_tokens=200"):
         w.generate(**ik.insert_prompt_slots([[5, 6]], num_tokens=L, pad_token_id=0), max_new_tokens=200)
@@ -325,8 +348,14 @@ def test_no_host_sync_per_layer_on_cuda(tenants):
 
     counts = []
     for layers in (2, 4):
-        model = tiny_llama(128, initializer_range=0.02, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0)
+        model = tiny_llama(
+            128,
+            initializer_range=0.02,
+            num_hidden_layers=layers,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         w = wrap(model.cuda(), num_tenants=tenants)
         b = {k: v.cuda() for k, v in batch("right").items()}
         kw = {"tenant_ids": torch.tensor([0, 2, -1], device="cuda")} if tenants > 1 else {}

@@ -22,16 +22,37 @@ def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     tf = transformers
     if arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=128, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        cfg = tf.GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            vocab_size=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        cls_cfg, cls_model = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                              "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-                              "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
-        cfg = cls_cfg(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
+        cls_cfg, cls_model = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        }[arch]
+        cfg = cls_cfg(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = cls_model(cfg)
     model.generation_config.eos_token_id = None  # fixed-length generation: compare token for token
     model.generation_config.pad_token_id = 0
@@ -54,8 +75,14 @@ RESP = [[20, 21, 22], [23, 24, 25, 26], [27]]
 
 
 def batch(padding_side="right", responses=True):
-    return ik.insert_prompt_slots(INSTR, RESP if responses else None, num_tokens=L, pad_token_id=0,
-                                  slot_token_id=3, padding_side=padding_side)
+    return ik.insert_prompt_slots(
+        INSTR,
+        RESP if responses else None,
+        num_tokens=L,
+        pad_token_id=0,
+        slot_token_id=3,
+        padding_side=padding_side,
+    )
 
 
 def count_generator_calls(w):
@@ -83,7 +110,10 @@ def test_fused_matches_reference_logits_and_grads(arch):
         w.zero_grad(set_to_none=True)
         out = w(**b)
         out.loss.backward()
-        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in w.generators.named_parameters()})
+        results[backend] = (
+            out.logits.detach(),
+            {n: p.grad.clone() for n, p in w.generators.named_parameters()},
+        )
     (la, ga), (lr, gr) = results["auto"], results["reference"]
     assert rel_err(la, lr) < 1e-5
     for n in gr:
@@ -118,10 +148,11 @@ def test_batched_left_padded_generation_equals_single(arch):
     for i in range(len(INSTR)):
         one = ik.insert_prompt_slots([INSTR[i]], num_tokens=L, pad_token_id=0, slot_token_id=3)
         alone = w.generate(**one, max_new_tokens=n, do_sample=False)
-        assert torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1]:]), (i, out[i], alone[0])
+        assert torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1] :]), (i, out[i], alone[0])
     # and generation is not the backbone's
-    base = w.model.generate(input_ids=g["input_ids"], attention_mask=g["attention_mask"], max_new_tokens=n,
-                            do_sample=False)
+    base = w.model.generate(
+        input_ids=g["input_ids"], attention_mask=g["attention_mask"], max_new_tokens=n, do_sample=False
+    )
     assert not torch.equal(base, out)
 
 
@@ -181,17 +212,24 @@ def test_insert_prompt_slots_layouts():
     r = ik.insert_prompt_slots([[5, 6], [7]], [[8], [9, 10]], num_tokens=2, pad_token_id=0, slot_token_id=3)
     assert r["input_ids"].tolist() == [[5, 6, 3, 3, 8], [7, 3, 3, 9, 10]]
     assert r["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert r["instruction_mask"].tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
+    assert r["instruction_mask"].tolist() == [
+        [True, True, False, False, False],
+        [True, False, False, False, False],
+    ]
     assert r["labels"].tolist() == [[-100, -100, -100, -100, 8], [-100, -100, -100, 9, 10]]
     left = ik.insert_prompt_slots([[5, 6, 7], [8]], num_tokens=2, pad_token_id=0, padding_side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7, 0, 0], [0, 0, 8, 0, 0]]
     assert left["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
-    assert left["instruction_mask"].tolist() == [[True, True, True, False, False], [False, False, True, False, False]]
+    assert left["instruction_mask"].tolist() == [
+        [True, True, True, False, False],
+        [False, False, True, False, False],
+    ]
     assert "labels" not in left
     right = ik.insert_prompt_slots([[5, 6, 7], [8]], [[1], [2, 4]], num_tokens=1, pad_token_id=0)
     assert right["labels"].tolist() == [[-100, -100, -100, -100, 1], [-100, -100, 2, 4, -100]]
     assert right["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     from iapt_kernels.integrations import slot_positions
+
     assert slot_positions(left["instruction_mask"], 2, left["attention_mask"]).tolist() == [[3, 4], [3, 4]]
     with pytest.raises(ValueError, match="padding_side"):
         ik.insert_prompt_slots([[1]], num_tokens=2, pad_token_id=0, padding_side="middle")
@@ -201,6 +239,7 @@ def test_explicit_slot_mask_matches_default():
     w = wrap(tiny_model("mistral"))
     b = batch("right")
     from iapt_kernels.integrations import slot_positions
+
     idx = slot_positions(b["instruction_mask"], L, b["attention_mask"])
     slot_mask = torch.zeros_like(b["instruction_mask"]).scatter_(1, idx, True)
     with torch.no_grad():
@@ -221,7 +260,11 @@ def test_bad_input_errors():
     w = wrap(model)
     b = batch("right")
     with pytest.raises(ValueError, match="instruction_mask must have shape"):
-        w(input_ids=b["input_ids"], attention_mask=b["attention_mask"], instruction_mask=b["instruction_mask"][:, 1:])
+        w(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            instruction_mask=b["instruction_mask"][:, 1:],
+        )
     with pytest.raises(ValueError, match="needs instruction_mask"):
         w(input_ids=b["input_ids"])
     with pytest.raises(ValueError, match="tenant_ids"):
@@ -284,12 +327,13 @@ def test_multi_tenant_batched_generation_equals_single():
     assert calls[0] == w.num_layers
     for i in range(len(INSTR)):
         one = ik.insert_prompt_slots([INSTR[i]], num_tokens=L, pad_token_id=0, slot_token_id=3)
-        alone = w.generate(**one, tenant_ids=TENANTS[i:i + 1], max_new_tokens=n, do_sample=False)
-        assert torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1]:]), i
+        alone = w.generate(**one, tenant_ids=TENANTS[i : i + 1], max_new_tokens=n, do_sample=False)
+        assert torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1] :]), i
         if TENANTS[i] < 0:  # tenant -1: the base model on the bare instruction, as if no slots were there
             bare = torch.tensor([INSTR[i]])
-            base = model.generate(input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n,
-                                  do_sample=False)
+            base = model.generate(
+                input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n, do_sample=False
+            )
             assert torch.equal(alone[0, -n:], base[0, -n:])
             assert torch.equal(out[i, S:], base[0, -n:])
     # the same tenant requests with different tenants generate differently
@@ -343,8 +387,10 @@ def test_train_script_runs(tmp_path, capsys):
         train.main(["--model", "some-org/some-model", "--steps", "1"])
 
 
-@pytest.mark.skipif(os.environ.get("IAPT_TEST_SLOW", "0") != "1",
-                    reason="the default demo trains for minutes on a small CPU: IAPT_TEST_SLOW=1 runs it")
+@pytest.mark.skipif(
+    os.environ.get("IAPT_TEST_SLOW", "0") != "1",
+    reason="the default demo trains for minutes on a small CPU: IAPT_TEST_SLOW=1 runs it",
+)
 def test_train_demo_defaults_learn(tmp_path):
     from iapt_kernels import train
 
@@ -360,7 +406,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         w = wrap(tiny_model("llama"))
         w.train()
         if ckpt:
-            enable = getattr(w.model, "activation_checkpointing_enable", None) or w.model.gradient_checkpointing_enable
+            enable = (
+                getattr(w.model, "activation_checkpointing_enable", None)
+                or w.model.gradient_checkpointing_enable
+            )
             enable()
         w(**b).loss.backward()
         grads.append({n: p.grad.clone() for n, p in w.generators.named_parameters()})
@@ -370,17 +419,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_transformers_trainer_trains_only_generators(tmp_path):
     w = wrap(tiny_model("llama"))
-    data = [{k: v[0] for k, v in ik.insert_prompt_slots([INSTR[i]], [RESP[i]], num_tokens=L, pad_token_id=0).items()}
-            for i in range(3)]
+    data = [
+        {
+            k: v[0]
+            for k, v in ik.insert_prompt_slots([INSTR[i]], [RESP[i]], num_tokens=L, pad_token_id=0).items()
+        }
+        for i in range(3)
+    ]
 
     def collate(examples):
-        return ik.insert_prompt_slots([e["input_ids"][e["instruction_mask"]].tolist() for e in examples],
-                                      [e["labels"][e["labels"] != -100].tolist() for e in examples],
-                                      num_tokens=L, pad_token_id=0)
+        return ik.insert_prompt_slots(
+            [e["input_ids"][e["instruction_mask"]].tolist() for e in examples],
+            [e["labels"][e["labels"] != -100].tolist() for e in examples],
+            num_tokens=L,
+            pad_token_id=0,
+        )
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
-                                          report_to=[], use_cpu=True, save_strategy="no",
-                                          remove_unused_columns=False, learning_rate=1e-2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        learning_rate=1e-2,
+    )
     frozen = {n: p.clone() for n, p in w.model.named_parameters()}
     gens = [p.clone() for p in w.generators.parameters()]
     transformers.Trainer(model=w, args=args, train_dataset=data, data_collator=collate).train()

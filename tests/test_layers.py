@@ -120,8 +120,6 @@ def test_floors():
 
 def test_no_function_local_self_imports():
     for f in sorted(PACKAGE.rglob("*.py")):
-        if f.parts[-2] == "bench" and f.name in ("real_task.py", "cost.py"):
-            continue  # being edited on other branches; their local imports go when those land
         bad = [m for m, local in _imports(f) if local and m == "iapt_kernels"]
         assert not bad, f"{f.relative_to(PACKAGE)} imports iapt_kernels inside a function"
 

@@ -17,7 +17,15 @@ from iapt_kernels import TenantGroups, reference
 
 BACKENDS = iapt_kernels.available_backends()
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
-PARAMS = ("down.weight", "down.bias", "pool.weight", "act.numerator", "act.denominator", "up.weight", "up.bias")
+PARAMS = (
+    "down.weight",
+    "down.bias",
+    "pool.weight",
+    "act.numerator",
+    "act.denominator",
+    "up.weight",
+    "up.bias",
+)
 MIXES = ("distinct", "same", "zipf", "skewed", "with_none", "all_none")
 # The full grid runs at d = 13 (under one 16-wide block: the interpreter's cost grows with blocks);
 # the other tests use d = 37, three blocks with a ragged last one.
@@ -82,9 +90,16 @@ def oracle(ref, h, mask, tenant_ids, grad):
         if t < 0:
             rows.append(hh.new_zeros(L, ref.hidden_size))
             continue
-        u = reference.attention_pool(hh[b:b + 1], mask[b:b + 1], params["down.weight"][t], params["down.bias"][t],
-                                     params["pool.weight"][t])
-        g = reference.rational(u, params["act.numerator"][t], params["act.denominator"][t], version=ref.version)
+        u = reference.attention_pool(
+            hh[b : b + 1],
+            mask[b : b + 1],
+            params["down.weight"][t],
+            params["down.bias"][t],
+            params["pool.weight"][t],
+        )
+        g = reference.rational(
+            u, params["act.numerator"][t], params["act.denominator"][t], version=ref.version
+        )
         rows.append(F.linear(g, params["up.weight"][t], params["up.bias"][t])[0])
     p = torch.stack(rows)
     if p.requires_grad:
@@ -103,7 +118,9 @@ def run(module, h, mask, tenant_ids, grad, **kw):
     assert p.device == device
     if p.requires_grad:  # not when every request is tenant -1: then nothing depends on the inputs
         (p * grad.to(device, p.dtype)).sum().backward()
-    grads = {n: (q.grad if q.grad is not None else torch.zeros_like(q)).cpu() for n, q in module.named_parameters()}
+    grads = {
+        n: (q.grad if q.grad is not None else torch.zeros_like(q)).cpu() for n, q in module.named_parameters()
+    }
     return p.detach().cpu(), (hh.grad if hh.grad is not None else torch.zeros_like(hh)).cpu(), grads
 
 
@@ -138,16 +155,28 @@ def test_parity_fp32(backend, device, mix, B, T):
         check(gw[name], want_w[name], torch.float32, f"grad {name}")
         absent = [t for t in range(T) if t not in present]
         if absent:
-            assert torch.equal(gw[name][absent], torch.zeros_like(gw[name][absent])), f"{name}: absent tenants"
+            assert torch.equal(gw[name][absent], torch.zeros_like(gw[name][absent])), (
+                f"{name}: absent tenants"
+            )
     assert torch.equal(p[ids < 0], torch.zeros_like(p[ids < 0])), "rows of tenant -1 must be 0"
 
 
 # fp16/bf16: the whole grid on the C++ path; a subset in the Triton interpreter, whose time per case
 # is seconds (on a GPU the whole grid is cheap: run it there with IAPT_FULL_GRID=1).
-TRITON_REDUCED = GRID if os.environ.get("IAPT_FULL_GRID") else [
-    (mix, B, T) for mix, B, T in GRID if (B, T) in ((7, 64), (33, 5)) and mix in ("zipf", "skewed", "with_none")]
-REDUCED = [pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}")
-           for backend in KERNEL_BACKENDS for case in (TRITON_REDUCED if backend == "triton" else GRID)]
+TRITON_REDUCED = (
+    GRID
+    if os.environ.get("IAPT_FULL_GRID")
+    else [
+        (mix, B, T)
+        for mix, B, T in GRID
+        if (B, T) in ((7, 64), (33, 5)) and mix in ("zipf", "skewed", "with_none")
+    ]
+)
+REDUCED = [
+    pytest.param(backend, *case, id=f"{backend}-{'-'.join(map(str, case))}")
+    for backend in KERNEL_BACKENDS
+    for case in (TRITON_REDUCED if backend == "triton" else GRID)
+]
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16])
@@ -239,7 +268,9 @@ def test_groups_reused_across_layers_and_packed_equals_padded(backend, device):
     # Packed: only the instruction tokens, back to back.
     mod = layers[0]
     lengths = mask.sum(1)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int32, device=device), torch.cumsum(lengths, 0).to(torch.int32)])
+    cu = torch.cat(
+        [torch.zeros(1, dtype=torch.int32, device=device), torch.cumsum(lengths, 0).to(torch.int32)]
+    )
     packed = h[mask]
     padded_p, padded_h, padded_w = run(mod, h, mask, ids, torch.ones(B, L, D))
     padded_h = padded_h.to(device)
@@ -269,7 +300,9 @@ def test_masked_nan_never_leaks_and_backward_is_deterministic(backend, device):
     p, gh, gw = first
     assert torch.isfinite(p).all()
     assert torch.isfinite(gh[mask.unsqueeze(-1).expand_as(gh)]).all()
-    assert torch.equal(gh[~mask], torch.zeros_like(gh[~mask])), "gradient at masked positions must be exactly 0"
+    assert torch.equal(gh[~mask], torch.zeros_like(gh[~mask])), (
+        "gradient at masked positions must be exactly 0"
+    )
     assert all(torch.isfinite(g).all() for g in gw.values())
     assert torch.equal(first[1], second[1])
     for n in PARAMS:
@@ -282,8 +315,14 @@ def test_from_generators_round_trip_and_state_dicts():
     mt = iapt_kernels.MultiTenantPromptGenerator.from_generators(gens)
     assert isinstance(mt, iapt_kernels.MultiTenantPromptGenerator)
     assert {k: tuple(v.shape) for k, v in mt.state_dict().items()} == {
-        "down.weight": (3, R, D), "down.bias": (3, R), "pool.weight": (3, L, R), "act.numerator": (3, 6),
-        "act.denominator": (3, 4), "up.weight": (3, D, R), "up.bias": (3, D)}
+        "down.weight": (3, R, D),
+        "down.bias": (3, R),
+        "pool.weight": (3, L, R),
+        "act.numerator": (3, 6),
+        "act.denominator": (3, 4),
+        "up.weight": (3, D, R),
+        "up.bias": (3, D),
+    }
     for t, g in enumerate(gens):
         back = mt.generator(t)
         assert type(back) is iapt_kernels.PromptGenerator
@@ -292,11 +331,17 @@ def test_from_generators_round_trip_and_state_dicts():
     ref = reference.MultiTenantPromptGenerator(3, D, R, L)
     ref.load_state_dict(mt.state_dict())
     mt.load_state_dict(ref.state_dict())
-    assert type(reference.MultiTenantPromptGenerator.from_generators(
-        [reference.PromptGenerator(D, R, L)]).generator(0)) is reference.PromptGenerator
+    assert (
+        type(
+            reference.MultiTenantPromptGenerator.from_generators(
+                [reference.PromptGenerator(D, R, L)]
+            ).generator(0)
+        )
+        is reference.PromptGenerator
+    )
     h, mask = make_batch(3, _seed("rt"), torch.float32)
     ids = torch.tensor([2, 0, 1])
-    want = torch.cat([gens[t](h[b:b + 1], mask[b:b + 1]) for b, t in enumerate(ids.tolist())])
+    want = torch.cat([gens[t](h[b : b + 1], mask[b : b + 1]) for b, t in enumerate(ids.tolist())])
     assert rel_err(mt(h, mask, ids), want) < 1e-6
 
 

@@ -12,13 +12,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_setup(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
 def test_setup_without_torch_fails_loudly():
-    hide_torch = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
-                  "runpy.run_path('setup.py', run_name='__main__')")
+    hide_torch = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
     r = _run_setup(hide_torch, IAPT_NO_EXTENSION="0")
     assert r.returncode != 0
     assert "cannot import torch" in r.stderr and "--no-build-isolation" in r.stderr
@@ -30,9 +38,11 @@ def test_setup_without_torch_fails_loudly():
 
 def test_setup_compiles_in_parallel_without_debug_info():
     pytest.importorskip("torch.utils.cpp_extension")
-    code = ("import setuptools, runpy; seen = {}; setuptools.setup = lambda **kw: seen.update(kw); "
-            "runpy.run_path('setup.py', run_name='__main__'); ext = seen['ext_modules'][0]; "
-            "print(ext.extra_compile_args, seen['cmdclass']['build_ext'].__mro__[1].__name__)")
+    code = (
+        "import setuptools, runpy; seen = {}; setuptools.setup = lambda **kw: seen.update(kw); "
+        "runpy.run_path('setup.py', run_name='__main__'); ext = seen['ext_modules'][0]; "
+        "print(ext.extra_compile_args, seen['cmdclass']['build_ext'].__mro__[1].__name__)"
+    )
     r = _run_setup(code, IAPT_NO_EXTENSION="0")
     assert r.returncode == 0, r.stderr
     assert "'-g0'" in r.stdout and "'-O3'" in r.stdout and "ParallelBuildExtension" in r.stdout
@@ -40,11 +50,24 @@ def test_setup_compiles_in_parallel_without_debug_info():
 
 def _e2e(requests: int) -> dict:
     rec = {"prompt_tokens": 20, "trainable_params_per_tenant": 100, "generate_ms": 3.0, "config": "c"}
-    records = [{**rec, "method": m, "tenants": t, "tokens_per_s": v, "prefill_ms": 1.0 / v}
-               for m, v in (("iapt", 10.0), ("lora", 5.0)) for t in (1, 2)]
-    setup = {"model": "tiny", "requests": requests, "prompt_len": 16, "new_tokens": 4, "iapt": "L=4",
-             "lora_rank": 8, "lora_targets": ["q_proj"], "iapt_params_per_tenant": 100,
-             "lora_params_per_tenant": 100, "repeats": 1, "threads": 1}
+    records = [
+        {**rec, "method": m, "tenants": t, "tokens_per_s": v, "prefill_ms": 1.0 / v}
+        for m, v in (("iapt", 10.0), ("lora", 5.0))
+        for t in (1, 2)
+    ]
+    setup = {
+        "model": "tiny",
+        "requests": requests,
+        "prompt_len": 16,
+        "new_tokens": 4,
+        "iapt": "L=4",
+        "lora_rank": 8,
+        "lora_targets": ["q_proj"],
+        "iapt_params_per_tenant": 100,
+        "lora_params_per_tenant": 100,
+        "repeats": 1,
+        "threads": 1,
+    }
     return {"records": records, "base": None, "setup": setup, "errors": []}
 
 
@@ -54,9 +77,20 @@ def test_quick_report_is_a_smoke_test_and_plots_name_the_run(tmp_path, monkeypat
     from iapt_kernels.bench import report
 
     labels = []
-    monkeypatch.setattr(report, "plot_e2e", lambda e2e, key, ylabel, title, path: labels.append((ylabel, title)))
-    result = {"command": "iapt-bench", "machine": "m", "date": "d", "wall_s": 1.0, "quick": quick, "notes": [],
-              "ops": [], "model": [], "e2e_run": _e2e(requests=4)}
+    monkeypatch.setattr(
+        report, "plot_e2e", lambda e2e, key, ylabel, title, path: labels.append((ylabel, title))
+    )
+    result = {
+        "command": "iapt-bench",
+        "machine": "m",
+        "date": "d",
+        "wall_s": 1.0,
+        "quick": quick,
+        "notes": [],
+        "ops": [],
+        "model": [],
+        "e2e_run": _e2e(requests=4),
+    }
     report.write_outputs(str(tmp_path), result)
     text = (tmp_path / "report.md").read_text()
     assert ("smoke test, not a measurement" in text) == quick

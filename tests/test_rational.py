@@ -77,8 +77,9 @@ def _run(fn, x, num, den, grad, device="cpu"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow), torch.bfloat16], ids=str
+)
 @pytest.mark.parametrize("version", ["A", "B"])
 @pytest.mark.parametrize("degrees", DEGREES, ids=str)
 @pytest.mark.parametrize("groups", [1, 4])
@@ -91,13 +92,20 @@ def test_parity_with_float64_reference(backend, device, dtype, version, degrees,
         grad = _upstream_grad(x.shape, gen).to(dtype)
         out = _run(
             lambda x_, a_, b_: iapt_kernels.rational(x_, a_, b_, version=version, backend=backend),
-            x, num, den, grad, device,
+            x,
+            num,
+            den,
+            grad,
+            device,
         )
         assert out[0].device.type == device
         # Ground truth: the reference in float64 on the very same (rounded) inputs.
         ref = _run(
             lambda x_, a_, b_: reference.rational(x_, a_, b_, version=version),
-            x.double(), num.double(), den.double(), grad.double(),
+            x.double(),
+            num.double(),
+            den.double(),
+            grad.double(),
         )
         assert out[0].dtype == dtype and out[0].shape == x.shape
         assert out[1].dtype == dtype and out[2].dtype == num.dtype and out[3].dtype == den.dtype
@@ -112,7 +120,9 @@ def test_parity_with_float64_reference(backend, device, dtype, version, degrees,
 def test_gradcheck_float64(backend, device, version, groups):
     gen = torch.Generator().manual_seed(7)
     # Keep x away from the kinks of |.| so finite differences are valid.
-    x = (torch.rand(4, 3 * groups, generator=gen, dtype=torch.float64) + 0.2) * torch.tensor([1.0, -1.0]).repeat(6 * groups)[: 3 * groups]
+    x = (torch.rand(4, 3 * groups, generator=gen, dtype=torch.float64) + 0.2) * torch.tensor(
+        [1.0, -1.0]
+    ).repeat(6 * groups)[: 3 * groups]
     num = torch.randn(groups, 4, generator=gen, dtype=torch.float64) * 0.5
     den = torch.rand(groups, 3, generator=gen, dtype=torch.float64) * 0.5 + 0.1
     args = [t.to(device).requires_grad_() for t in (x, num, den)]
@@ -127,7 +137,9 @@ def test_identity_init_learns_denominator(backend, device, version):
     num, den = iapt_kernels.rational_init("identity", (5, 4), version)
     num, den = num.float().to(device).requires_grad_(), den.float().to(device).requires_grad_()
     assert torch.count_nonzero(den) == 0
-    x = torch.linspace(-1, 2, 101, device=device)  # asymmetric: on a symmetric grid the odd moments cancel exactly
+    x = torch.linspace(
+        -1, 2, 101, device=device
+    )  # asymmetric: on a symmetric grid the odd moments cancel exactly
     y = iapt_kernels.rational(x, num, den, version=version, backend=backend)
     assert torch.equal(y, x)  # exact identity
     y.pow(2).sum().backward()
@@ -163,7 +175,9 @@ def test_sum_backward_stride_zero_grad(backend, device):
 def test_nan_and_inf_propagate_like_reference(backend, device):
     num, den = iapt_kernels.rational_init("gelu")
     x = torch.tensor([0.5, float("nan"), -1.0, float("inf"), 2.0])
-    out = iapt_kernels.rational(x.to(device), num.float().to(device), den.float().to(device), backend=backend).cpu()
+    out = iapt_kernels.rational(
+        x.to(device), num.float().to(device), den.float().to(device), backend=backend
+    ).cpu()
     ref = reference.rational(x.double(), num, den)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     finite = torch.isfinite(ref)
@@ -280,13 +294,17 @@ def test_torch_compile_traces_the_cpp_path():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_reference_module_and_state_dicts_interchange(backend, device):
-    fused = iapt_kernels.Rational(degrees=(5, 4), init="gelu", version="B", groups=2, backend=backend).to(device)
+    fused = iapt_kernels.Rational(degrees=(5, 4), init="gelu", version="B", groups=2, backend=backend).to(
+        device
+    )
     ref = reference.Rational(degrees=(5, 4), init="gelu", version="B", groups=2)
     assert [n for n, _ in fused.named_parameters()] == ["numerator", "denominator"]
     assert fused.state_dict().keys() == ref.state_dict().keys()
     # The fits are made (and their errors promised) on [-3, 3].
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
-    assert (fused(x.to(device)).cpu() - torch.nn.functional.gelu(x)).abs().max() < 5e-3  # a gelu init is a gelu
+    assert (
+        fused(x.to(device)).cpu() - torch.nn.functional.gelu(x)
+    ).abs().max() < 5e-3  # a gelu init is a gelu
     with torch.no_grad():
         ref.numerator.add_(torch.randn_like(ref.numerator) * 0.1)
     fused.load_state_dict(ref.state_dict())
@@ -327,7 +345,9 @@ def test_degrees_all_pairs_run_in_every_backend(backend, device):
     grad = torch.randn(x.shape, generator=gen)
     for m, n in itertools.product(range(1, 9), range(1, 9)):
         num, den = _make_coefficients((m, n), 1, gen)
-        ref = _run(lambda a, b, c: reference.rational(a, b, c), x.double(), num.double(), den.double(), grad.double())
+        ref = _run(
+            lambda a, b, c: reference.rational(a, b, c), x.double(), num.double(), den.double(), grad.double()
+        )
         out = _run(lambda a, b, c: iapt_kernels.rational(a, b, c, backend=backend), x, num, den, grad, device)
         for o, r in zip(out, ref):
             assert rel_err(o, r) < 1e-5, (m, n)

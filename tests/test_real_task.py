@@ -31,13 +31,23 @@ def save_tiny_model(path):
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                               eos_token="</s>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     tok.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=160,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=160,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -58,16 +68,46 @@ def colour_rows(n, seed):
 
 def run(tmp_path, tiny_dir, *extra):
     out = tmp_path / "out"
-    argv = ["--model", str(tiny_dir), "--out", str(out), "--in-process", "--no-serving", "--no-progress",
-            "--steps", "12", "--batch-size", "4", "--eval-every", "6", "--test-size", "12", *extra]
+    argv = [
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--in-process",
+        "--no-serving",
+        "--no-progress",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "6",
+        "--test-size",
+        "12",
+        *extra,
+    ]
     return rt.main(argv), out
 
 
 def test_jsonl_comparison_end_to_end(tmp_path, tiny_dir, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", colour_rows(40, 0))
     test = write_jsonl(tmp_path / "test.jsonl", colour_rows(12, 1))
-    rc, out = run(tmp_path, tiny_dir, "--train", str(train), "--test", str(test), "--lr-iapt", "1e-2",
-                  "--lr-lora", "1e-2", "--lr-prompt", "1e-1", "--prompt-tokens", "4")
+    rc, out = run(
+        tmp_path,
+        tiny_dir,
+        "--train",
+        str(train),
+        "--test",
+        str(test),
+        "--lr-iapt",
+        "1e-2",
+        "--lr-lora",
+        "1e-2",
+        "--lr-prompt",
+        "1e-1",
+        "--prompt-tokens",
+        "4",
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").stat().st_size > 1000
@@ -101,12 +141,20 @@ def test_iapt_params_formula_matches_the_model(tiny_dir):
     assert w.num_trainable_parameters() == rt.iapt_params(64, 2, 8, 4)
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_json", "missing_field", "empty_labels", "too_long", "empty"])
+@pytest.mark.parametrize(
+    "case", ["missing", "bad_json", "missing_field", "empty_labels", "too_long", "empty"]
+)
 def test_bad_data_is_a_clear_error_and_writes_nothing(tmp_path, tiny_dir, capsys, case):
     good = write_jsonl(tmp_path / "good.jsonl", colour_rows(20, 0))
     bad = tmp_path / "bad.jsonl"
-    expect = {"missing": "data file not found", "bad_json": "not valid JSON", "missing_field": '"output"',
-              "empty_labels": "empty label set", "too_long": "line 6: the instruction", "empty": "holds no examples"}[case]
+    expect = {
+        "missing": "data file not found",
+        "bad_json": "not valid JSON",
+        "missing_field": '"output"',
+        "empty_labels": "empty label set",
+        "too_long": "line 6: the instruction",
+        "empty": "holds no examples",
+    }[case]
     if case == "bad_json":
         bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     elif case == "missing_field":
@@ -128,15 +176,28 @@ def test_missing_and_corrupt_gguf(tmp_path, capsys):
     junk = tmp_path / "model.gguf"
     junk.write_bytes(b"not a model at all")
     for path, expect in ((tmp_path / "none.gguf", "GGUF file not found"), (junk, "not a GGUF file")):
-        rc = rt.main(["--gguf", str(path), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
-                      "--no-progress"])
+        rc = rt.main(
+            [
+                "--gguf",
+                str(path),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and expect in err and str(path) in err, err
         assert not (tmp_path / "o").exists()
     truncated = tmp_path / "trunc.gguf"
-    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8)  # right magic, nothing after the header
+    truncated.write_bytes(
+        b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8
+    )  # right magic, nothing after the header
     pytest.importorskip("gguf")
-    rc = rt.main(["--gguf", str(truncated), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    rc = rt.main(
+        ["--gguf", str(truncated), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "cannot read GGUF file" in err and str(truncated) in err, err
     assert not (tmp_path / "o").exists() and not any((tmp_path / "cache").glob("*-fp32"))
@@ -155,14 +216,37 @@ def test_split_is_stratified_and_fixed():
 def test_serving_only_on_the_backbone(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "d.jsonl", colour_rows(10, 0))
     out = tmp_path / "out"
-    rc = rt.main(["--model", str(tiny_dir), "--train", str(data), "--test", str(data), "--serving-only",
-                  "--tenants", "2", "--serve-requests", "4", "--serve-prompt", "8", "--serve-new", "3",
-                  "--serve-repeats", "1", "--out", str(out), "--no-progress"])
+    rc = rt.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--train",
+            str(data),
+            "--test",
+            str(data),
+            "--serving-only",
+            "--tenants",
+            "2",
+            "--serve-requests",
+            "4",
+            "--serve-prompt",
+            "8",
+            "--serve-new",
+            "3",
+            "--serve-repeats",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["methods"] == []
     recs = {r["method"]: r for r in res["serving"]["records"]}
     assert set(recs) == {"base", "iapt", "lora"}
-    assert recs["iapt"]["tenants"] == 2 and recs["iapt"]["trainable_params_per_tenant"] == rt.iapt_params(64, 2, 16)
+    assert recs["iapt"]["tenants"] == 2 and recs["iapt"]["trainable_params_per_tenant"] == rt.iapt_params(
+        64, 2, 16
+    )
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in recs.values())
     assert "| iapt | 2 |" in (out / "results.md").read_text()

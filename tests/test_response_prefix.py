@@ -20,8 +20,15 @@ PRE = [30, 31]
 
 
 def layout(padding_side="right", responses=True, prefix=PRE):
-    return ik.insert_prompt_slots(INSTR, RESP if responses else None, num_tokens=L, pad_token_id=0, slot_token_id=3,
-                                  padding_side=padding_side, response_prefix_ids=prefix)
+    return ik.insert_prompt_slots(
+        INSTR,
+        RESP if responses else None,
+        num_tokens=L,
+        pad_token_id=0,
+        slot_token_id=3,
+        padding_side=padding_side,
+        response_prefix_ids=prefix,
+    )
 
 
 def test_layout_puts_a_real_token_before_the_response():
@@ -42,10 +49,19 @@ def test_per_row_prefixes_and_truncation_keep_the_prefix():
     b = ik.insert_prompt_slots(INSTR, RESP, num_tokens=L, pad_token_id=0, response_prefix_ids=rows)
     for i, pre in enumerate(rows):
         n = len(INSTR[i])
-        assert b["input_ids"][i, n + L: n + L + len(pre)].tolist() == pre
-    t = ik.insert_prompt_slots([[5, 6, 7, 8, 9]], [[20, 21]], num_tokens=L, pad_token_id=0, response_prefix_ids=PRE,
-                               max_length=L + 2 + 4)
-    assert t["input_ids"][0].tolist() == [8, 9] + [0] * L + PRE + [20, 21]  # instruction cut first, prefix kept
+        assert b["input_ids"][i, n + L : n + L + len(pre)].tolist() == pre
+    t = ik.insert_prompt_slots(
+        [[5, 6, 7, 8, 9]],
+        [[20, 21]],
+        num_tokens=L,
+        pad_token_id=0,
+        response_prefix_ids=PRE,
+        max_length=L + 2 + 4,
+    )
+    assert t["input_ids"][0].tolist() == [8, 9] + [0] * L + PRE + [
+        20,
+        21,
+    ]  # instruction cut first, prefix kept
     with pytest.raises(ValueError, match="response prefix"):
         ik.insert_prompt_slots([[5]], num_tokens=L, pad_token_id=0, response_prefix_ids=PRE, max_length=L + 2)
     with pytest.raises(ValueError, match="2 rows for 3 examples"):
@@ -92,7 +108,9 @@ def test_tenant_minus_one_with_a_prefix_is_the_base_model_on_instruction_and_pre
     out = w.generate(**g, tenant_ids=torch.tensor([-1, 0, -1]), max_new_tokens=n, do_sample=False)
     for i in (0, 2):
         bare = torch.tensor([INSTR[i] + PRE])
-        base = model.generate(input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n, do_sample=False)
+        base = model.generate(
+            input_ids=bare, attention_mask=torch.ones_like(bare), max_new_tokens=n, do_sample=False
+        )
         assert torch.equal(out[i, -n:], base[0, -n:]), i
     right = layout("right", responses=False)
     with pytest.raises(ValueError, match="left-padded prompts"):
@@ -101,8 +119,9 @@ def test_tenant_minus_one_with_a_prefix_is_the_base_model_on_instruction_and_pre
 
 def test_collator_takes_the_prefix_as_text_or_ids():
     tokenizers = pytest.importorskip("tokenizers")
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "Answer:": 4},
-                                                          unk_token="<pad>"))
+    tk = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "Answer:": 4}, unk_token="<pad>")
+    )
     tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>")
     ex = [{"instruction": "a b", "response": "b"}]
@@ -158,9 +177,26 @@ def test_train_cli_puts_a_newline_after_the_slots_for_a_pretrained_model(tmp_pat
 
     monkeypatch.setattr(ik, "insert_prompt_slots", spy)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    for extra, expect in (([], tok("\n", add_special_tokens=False)["input_ids"]), (["--response-prefix", ""], [])):
+    for extra, expect in (
+        ([], tok("\n", add_special_tokens=False)["input_ids"]),
+        (["--response-prefix", ""], []),
+    ):
         seen.clear()
-        train.main(["--model", str(model_dir), "--data", str(data), "--steps", "1", "--batch-size", "2",
-                    "--out", str(tmp_path / "ad"), "--no-progress", *extra])
+        train.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "ad"),
+                "--no-progress",
+                *extra,
+            ]
+        )
         assert seen and all(p == expect for p in seen), (extra, seen)
         assert extra or expect  # the default prefix is a real token

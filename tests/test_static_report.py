@@ -17,9 +17,22 @@ def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "static_report.py"), "--arch", "80", "90",
-         "--scope", "sample", "--json", str(out), "--no-progress"],
-        check=True, env=env, cwd=ROOT, timeout=1200,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "static_report.py"),
+            "--arch",
+            "80",
+            "90",
+            "--scope",
+            "sample",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1200,
     )
     return json.loads(out.read_text())
 
@@ -27,14 +40,38 @@ def records(tmp_path_factory):
 def test_record_schema(records):
     assert records
     for r in records:
-        assert set(r) == {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "instructions",
-                          "num_warps", "num_stages", "h_stage_bytes", "ctas_per_sm", "bytes_in_flight_per_sm"}
+        assert set(r) == {
+            "kernel",
+            "config",
+            "arch",
+            "registers",
+            "spill_bytes",
+            "shared_bytes",
+            "instructions",
+            "num_warps",
+            "num_stages",
+            "h_stage_bytes",
+            "ctas_per_sm",
+            "bytes_in_flight_per_sm",
+        }
         assert r["arch"] in (80, 90)
-        assert all(isinstance(r[k], int) for k in ("registers", "spill_bytes", "shared_bytes", "num_warps",
-                                                     "num_stages", "h_stage_bytes", "ctas_per_sm"))
+        assert all(
+            isinstance(r[k], int)
+            for k in (
+                "registers",
+                "spill_bytes",
+                "shared_bytes",
+                "num_warps",
+                "num_stages",
+                "h_stage_bytes",
+                "ctas_per_sm",
+            )
+        )
         assert r["ctas_per_sm"] >= 1, r
         assert r["bytes_in_flight_per_sm"] == r["ctas_per_sm"] * r["h_stage_bytes"] * r["num_stages"]
-        assert {"LDG.E.128", "STG.E.128", "LDGSTS", "UTMALDG", "HMMA", "HGMMA", "RED", "ATOM"} <= set(r["instructions"])
+        assert {"LDG.E.128", "STG.E.128", "LDGSTS", "UTMALDG", "HMMA", "HGMMA", "RED", "ATOM"} <= set(
+            r["instructions"]
+        )
     assert {r["arch"] for r in records} == {80, 90}
     kernels = {r["kernel"] for r in records}
     assert any("rational" in k for k in kernels) and any("attention_pool" in k for k in kernels)
@@ -71,9 +108,12 @@ def test_attention_pool_streams_hidden_states_pipelined(records):
 
 def test_multi_tenant_products_use_tensor_cores(records):
     # bf16 in the sample: every segmented product (not the colsum-only sums) runs on HMMA/HGMMA.
-    products = [r for r in records if r["kernel"] in ("_multi_tenant_generator_matmul_kernel",
-                                                      "_multi_tenant_generator_wgrad_kernel")
-                and r["config"]["call"] not in ("gwdp", "coef")]
+    products = [
+        r
+        for r in records
+        if r["kernel"] in ("_multi_tenant_generator_matmul_kernel", "_multi_tenant_generator_wgrad_kernel")
+        and r["config"]["call"] not in ("gwdp", "coef")
+    ]
     assert products
     for r in products:
         assert r["instructions"]["HMMA"] + r["instructions"]["HGMMA"] > 0, r

@@ -27,8 +27,15 @@ from __future__ import annotations
 import math
 
 import torch
+# TorchDispatchMode has no public home in torch; it is the only way to see every aten op the reference
+# really runs (forward and backward). Only this counter uses it (docs/design.md section 7).
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+import iapt_kernels
+from iapt_kernels import reference
+from iapt_kernels.ops.attention_pool import chunk_size
+from iapt_kernels.tenants import TenantGroups
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 H100_PEAK = {"float16": 990e12, "bfloat16": 990e12, "float32": 67e12, "float64": 67e12}
@@ -36,17 +43,60 @@ LAUNCH_OVERHEAD_S = 3e-6
 
 _aten = torch.ops.aten
 _FREE = {
-    "_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach",
-    "alias", "lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "sym_size", "sym_stride",
-    "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type",
-    "record_stream", "set_",
+    "_unsafe_view",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "_local_scalar_dense",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_same_size",
+    "_has_compatible_shallow_copy_type",
+    "record_stream",
+    "set_",
 }
 _MOVE_ONLY = {
-    "copy_", "_to_copy", "clone", "cat", "stack", "fill_", "fill", "zero_", "zeros", "zeros_like", "ones",
-    "ones_like", "full", "full_like", "scalar_tensor", "index", "index_select", "gather", "scatter",
-    "masked_fill_", "constant_pad_nd", "new_zeros", "new_ones", "new_full", "contiguous", "expand_copy",
-    "_copy_from", "_copy_from_and_resize", "slice_scatter", "select_scatter", "as_strided_scatter",
-    "repeat", "arange",
+    "copy_",
+    "_to_copy",
+    "clone",
+    "cat",
+    "stack",
+    "fill_",
+    "fill",
+    "zero_",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "full",
+    "full_like",
+    "scalar_tensor",
+    "index",
+    "index_select",
+    "gather",
+    "scatter",
+    "masked_fill_",
+    "constant_pad_nd",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "contiguous",
+    "expand_copy",
+    "_copy_from",
+    "_copy_from_and_resize",
+    "slice_scatter",
+    "select_scatter",
+    "as_strided_scatter",
+    "repeat",
+    "arange",
 }
 
 
@@ -126,7 +176,12 @@ class CostCounter(TorchDispatchMode):
         return out
 
     def result(self) -> dict:
-        return {"bytes": self.bytes, "flops": self.flops, "launches": self.launches, "aten_ops": self.aten_ops}
+        return {
+            "bytes": self.bytes,
+            "flops": self.flops,
+            "launches": self.launches,
+            "aten_ops": self.aten_ops,
+        }
 
 
 def count(fn) -> dict:
@@ -170,8 +225,6 @@ def _stream_partials(B: int, S: int, d: int, L: int) -> tuple[int, int]:
     (the launchers' `chunk_size`), each writing an `L x d` fp32 partial. The next launch reads them
     back from L2 when they fit in half of it (they are written at the end of the previous launch),
     else from DRAM: `_partials_read` says which."""
-    from iapt_kernels.ops.attention_pool import chunk_size
-
     programs = B * math.ceil(S / chunk_size(B, S)) if S else 0
     return programs, programs * L * d * C
 
@@ -260,11 +313,17 @@ def _generator_fused(B, S, d, r, L, s, f, k, n, mode):
     one addmm reading G and Wu, writing P. Backward of the linear: gG = gP Wu, gWu = gP^T G, gbu = sum."""
     pool = _pool_fused(B, S, d, r, L, s, f, mode)
     act = _rational_fused(B * L * r, C, k, n, mode)
-    up = {"bytes": B * L * r * C + d * r * C + d * C + B * L * d * s, "flops": 2 * B * L * r * d + B * L * d,
-          "launches": 1}
+    up = {
+        "bytes": B * L * r * C + d * r * C + d * C + B * L * d * s,
+        "flops": 2 * B * L * r * d + B * L * d,
+        "launches": 1,
+    }
     if mode == "fwd+bwd":
-        up["bytes"] += (B * L * d * s + d * r * C + B * L * r * C) + (B * L * d * s + B * L * r * C + d * r * C) \
+        up["bytes"] += (
+            (B * L * d * s + d * r * C + B * L * r * C)
+            + (B * L * d * s + B * L * r * C + d * r * C)
             + (B * L * d * s + d * C)
+        )
         up["flops"] += 4 * B * L * r * d + B * L * d
         up["launches"] += 3
     return _add(pool, act, up)
@@ -272,10 +331,6 @@ def _generator_fused(B, S, d, r, L, s, f, k, n, mode):
 
 def _group_launches(T: int, B: int) -> int:
     """Launches of `TenantGroups.build` (torch ops on `(B,)` index tensors), counted by running it."""
-    try:
-        from iapt_kernels.ops.multi_tenant_generator import TenantGroups
-    except Exception:  # pragma: no cover - the multi-tenant op is optional here
-        return 0
     return count(lambda: TenantGroups.build(torch.arange(B) % T, T))["launches"]
 
 
@@ -321,7 +376,9 @@ def _multi_tenant_fused(T, B, S, d, r, L, s, f, k, n, mode, K=None):
         nbytes += lr + K * w + ld  # gZ
         nbytes += 4 * ld + _stream_bwd_bytes(B, S, d, L, s, f, kdl)  # Z, gZ rows of the requests; stream
         nbytes += ld + K * L * d * C  # per-tenant sum of the partials
-        nbytes += lr + ld + B * C + K * L * r * s + K * L * d * C + K * r * d * s + K * r * s  # wgrad gWd, gbd
+        nbytes += (
+            lr + ld + B * C + K * L * r * s + K * L * d * C + K * r * d * s + K * r * s
+        )  # wgrad gWd, gbd
         nbytes += K * L * d * C + K * w + 2 * P * K * L * r * C + K * L * r * s  # gWp_t split + split-sum
         flops += 2 * B * L * d * r + P * B * L * r + B * L * r * (4 * (k + n) + 10) + 4 * B * L * d * r
         flops += 2 * B * L * r * d + 2 * B * S * d * L + 6 * B * S * L * d + B * L * d + 4 * K * L * d * r
@@ -376,9 +433,6 @@ def model_record(op: str, params: dict, dtype: torch.dtype, mode: str, reference
 
 def _reference_call(op: str, params: dict, dtype: torch.dtype, mode: str, device: str):
     """A no-argument function running the reference of `op` once at `params` on `device`."""
-    import iapt_kernels
-    from iapt_kernels import reference
-
     k, n = params.get("degrees", (5, 4))
     grad_on = mode == "fwd+bwd"
     if op == "rational":
@@ -404,9 +458,11 @@ def _reference_call(op: str, params: dict, dtype: torch.dtype, mode: str, device
             args, out_shape = (h, mask), (B, L, d if op == "generator" else r)
         gen.requires_grad_(grad_on)
     if not grad_on:
+
         def run():
             with torch.no_grad():
                 fn(*args)
+
         return run
     g = torch.empty(out_shape, device=device, dtype=dtype).normal_()
     return lambda: fn(*args).backward(g)
@@ -431,14 +487,23 @@ def model_rows(specs, dtypes=(torch.float32, torch.bfloat16), progress=None) -> 
         for dtype in dtypes:
             for mode in ("fwd", "fwd+bwd"):
                 if progress is not None:
-                    progress.set_postfix_str(f"model {op} {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode}")
+                    progress.set_postfix_str(
+                        f"model {op} {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode}"
+                    )
                 ref = reference_cost(op, params, dtype, mode)
-                rec = {"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+                rec = {
+                    "op": op,
+                    "shape": list(shape),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "mode": mode,
+                }
                 if "mix" in params:
                     rec["params"] = {"mix": params["mix"]}
                 rec.update(model_record(op, params, dtype, mode, ref))
                 s = torch.empty((), dtype=dtype).element_size()
-                unit = params["numel"] * s if op == "rational" else params["B"] * params["S"] * params["d"] * s
+                unit = (
+                    params["numel"] * s if op == "rational" else params["B"] * params["S"] * params["d"] * s
+                )
                 rec["input_bytes"] = unit
                 rows.append(rec)
                 if progress is not None:

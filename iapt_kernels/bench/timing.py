@@ -12,8 +12,13 @@ import torch
 from .cases import Case
 
 
-def time_cpu(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 5, max_reps: int = 200,
-             slow_s: float = 0.4) -> float:
+def time_cpu(
+    fn: Callable[[], object],
+    min_time: float = 0.5,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    slow_s: float = 0.4,
+) -> float:
     """Median wall time in ms over repeated runs after one warm-up run (which also compiles).
 
     At least `min_reps` runs and `min_time` seconds; calls slower than `slow_s` get 3 runs.
@@ -69,19 +74,21 @@ def run_cases(cases: list[Case], device: str, progress=True, timer=None) -> list
         for name, ms in times.items():
             if name == "copy":
                 continue
-            records.append({
-                "op": case.op,
-                "shape": list(case.shape),
-                "dtype": str(case.dtype).replace("torch.", ""),
-                "mode": case.mode,
-                "backend": name,
-                "median_ms": ms,
-                "speedup_vs_reference": times["reference"] / ms,
-                "speedup_vs_compiled": times["compiled"] / ms if "compiled" in times else None,
-                "copy_limit_ms": limit_ms,
-                "fraction_of_copy_limit": limit_ms / ms,
-                "params": {k: list(v) if isinstance(v, tuple) else v for k, v in case.params.items()},
-            })
+            records.append(
+                {
+                    "op": case.op,
+                    "shape": list(case.shape),
+                    "dtype": str(case.dtype).replace("torch.", ""),
+                    "mode": case.mode,
+                    "backend": name,
+                    "median_ms": ms,
+                    "speedup_vs_reference": times["reference"] / ms,
+                    "speedup_vs_compiled": times["compiled"] / ms if "compiled" in times else None,
+                    "copy_limit_ms": limit_ms,
+                    "fraction_of_copy_limit": limit_ms / ms,
+                    "params": {k: list(v) if isinstance(v, tuple) else v for k, v in case.params.items()},
+                }
+            )
     if own:
         bar.close()
     return records

@@ -10,5 +10,15 @@ from .io import load_iapt, read_iapt_config, save_iapt
 from .slots import insert_prompt_slots, slot_positions
 from .transformers import IAPTConfig, IAPTModel, apply_iapt, find_decoder_layers
 
-__all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers", "insert_prompt_slots",
-           "slot_positions", "save_iapt", "load_iapt", "read_iapt_config", "IAPTDataCollator"]
+__all__ = [
+    "IAPTConfig",
+    "IAPTModel",
+    "apply_iapt",
+    "find_decoder_layers",
+    "insert_prompt_slots",
+    "slot_positions",
+    "save_iapt",
+    "load_iapt",
+    "read_iapt_config",
+    "IAPTDataCollator",
+]

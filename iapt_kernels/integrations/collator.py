@@ -41,11 +41,23 @@ class IAPTDataCollator:
             ``[]`` keeps that layout deliberately. Prompts for generation must end with the same prefix.
     """
 
-    def __init__(self, num_tokens: int, pad_token_id: int | None = None, *, tokenizer=None,
-                 slot_token_id: int | None = None, padding_side: str = "right", max_length: int | None = None,
-                 truncation_side: str = "left", add_eos: bool = True, response_prefix=None) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        pad_token_id: int | None = None,
+        *,
+        tokenizer=None,
+        slot_token_id: int | None = None,
+        padding_side: str = "right",
+        max_length: int | None = None,
+        truncation_side: str = "left",
+        add_eos: bool = True,
+        response_prefix=None,
+    ) -> None:
         if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad_token_id = (
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
         if pad_token_id is None:
             raise ValueError("IAPTDataCollator needs pad_token_id (or a tokenizer with a pad or EOS token)")
         self.num_tokens, self.pad_token_id, self.tokenizer = num_tokens, int(pad_token_id), tokenizer
@@ -57,9 +69,15 @@ class IAPTDataCollator:
             response_prefix = tokenizer(response_prefix, add_special_tokens=False)["input_ids"]
         self.response_prefix_ids = None if response_prefix is None else [int(t) for t in response_prefix]
         # Fail on a bad layout argument now, not at the first batch.
-        insert_prompt_slots([[0]], num_tokens=num_tokens, pad_token_id=self.pad_token_id, padding_side=padding_side,
-                            max_length=max_length, truncation_side=truncation_side,
-                            response_prefix_ids=self.response_prefix_ids)
+        insert_prompt_slots(
+            [[0]],
+            num_tokens=num_tokens,
+            pad_token_id=self.pad_token_id,
+            padding_side=padding_side,
+            max_length=max_length,
+            truncation_side=truncation_side,
+            response_prefix_ids=self.response_prefix_ids,
+        )
 
     def _ids(self, ex: dict[str, Any], i: int) -> tuple[list[int], list[int] | None]:
         if "instruction_ids" in ex:
@@ -67,7 +85,9 @@ class IAPTDataCollator:
         if "instruction" in ex:
             tok = self.tokenizer
             if tok is None:
-                raise ValueError(f"example {i} holds text ('instruction'): pass tokenizer= to IAPTDataCollator")
+                raise ValueError(
+                    f"example {i} holds text ('instruction'): pass tokenizer= to IAPTDataCollator"
+                )
             ins = tok(ex["instruction"])["input_ids"]
             if "response" not in ex:
                 return ins, None
@@ -75,22 +95,34 @@ class IAPTDataCollator:
             if self.add_eos and tok.eos_token_id is not None:
                 resp = resp + [tok.eos_token_id]
             return ins, resp
-        raise ValueError(f"example {i} has keys {sorted(ex)}; each example needs 'instruction_ids' (token ids) or "
-                         "'instruction' (text), and 'response_ids' / 'response' for training")
+        raise ValueError(
+            f"example {i} has keys {sorted(ex)}; each example needs 'instruction_ids' (token ids) or "
+            "'instruction' (text), and 'response_ids' / 'response' for training"
+        )
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [self._ids(ex, i) for i, ex in enumerate(examples)]
         has_resp = [r is not None for _, r in pairs]
         if any(has_resp) and not all(has_resp):
-            raise ValueError("some examples have a response and some do not; a batch is all training or all prompts")
-        batch = insert_prompt_slots([p[0] for p in pairs], [p[1] for p in pairs] if all(has_resp) else None,
-                                    num_tokens=self.num_tokens, pad_token_id=self.pad_token_id,
-                                    slot_token_id=self.slot_token_id, padding_side=self.padding_side,
-                                    max_length=self.max_length, truncation_side=self.truncation_side,
-                                    response_prefix_ids=self.response_prefix_ids)
+            raise ValueError(
+                "some examples have a response and some do not; a batch is all training or all prompts"
+            )
+        batch = insert_prompt_slots(
+            [p[0] for p in pairs],
+            [p[1] for p in pairs] if all(has_resp) else None,
+            num_tokens=self.num_tokens,
+            pad_token_id=self.pad_token_id,
+            slot_token_id=self.slot_token_id,
+            padding_side=self.padding_side,
+            max_length=self.max_length,
+            truncation_side=self.truncation_side,
+            response_prefix_ids=self.response_prefix_ids,
+        )
         tenants = [ex.get("tenant_id") for ex in examples]
         if any(t is not None for t in tenants):
             if any(t is None for t in tenants):
-                raise ValueError("some examples have a tenant_id and some do not; give every example one (-1: none)")
+                raise ValueError(
+                    "some examples have a tenant_id and some do not; give every example one (-1: none)"
+                )
             batch["tenant_ids"] = torch.tensor([int(t) for t in tenants], dtype=torch.long)
         return batch

@@ -25,7 +25,9 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
     """Token-id rows from lists, a tensor, or tokenizer output; padding is refused or stripped."""
     if isinstance(ids, Mapping):  # a tokenizer's BatchEncoding / dict: strip its padding by its mask
         if "input_ids" not in ids:
-            raise ValueError(f"{what} is a mapping without 'input_ids'; pass token-id lists or tokenizer output")
+            raise ValueError(
+                f"{what} is a mapping without 'input_ids'; pass token-id lists or tokenizer output"
+            )
         rows, mask = ids["input_ids"], ids.get("attention_mask")
         if mask is None:
             return _rows(rows, what, pad_token_id)
@@ -40,9 +42,11 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
         # response tokens would silently shift the slots: refuse it unless no row touches a pad id.
         padded = [i for i, r in enumerate(rows) if r and (r[0] == pad_token_id or r[-1] == pad_token_id)]
         if padded:
-            raise ValueError(f"{what} is a (B, n) tensor whose rows {padded} start or end with pad_token_id="
-                             f"{pad_token_id}: it looks padded, and the padding would count as tokens. Pass "
-                             "unpadded lists, or the tokenizer output itself (with its attention_mask)")
+            raise ValueError(
+                f"{what} is a (B, n) tensor whose rows {padded} start or end with pad_token_id="
+                f"{pad_token_id}: it looks padded, and the padding would count as tokens. Pass "
+                "unpadded lists, or the tokenizer output itself (with its attention_mask)"
+            )
         return [[int(t) for t in r] for r in rows]
     if isinstance(ids, str) or (len(ids) and isinstance(ids[0], str)):
         raise TypeError(f"{what} must hold token ids, not text: tokenize first")
@@ -59,7 +63,8 @@ _NO_PREFIX_WARNING = (
     "position, whose hidden state IAPT overwrites before every layer: on a pretrained model that prediction "
     "barely sees the instruction. Pass real tokens to put between the slots and the response (e.g. "
     "response_prefix_ids=tok('\\nAnswer:', add_special_tokens=False)['input_ids'], or the chat template's "
-    "assistant header), or response_prefix_ids=[] to keep this layout deliberately")
+    "assistant header), or response_prefix_ids=[] to keep this layout deliberately"
+)
 
 
 def _prefix_rows(prefix, n: int, pad_token_id: int) -> list[list[int]] | None:
@@ -76,8 +81,10 @@ def _prefix_rows(prefix, n: int, pad_token_id: int) -> list[list[int]] | None:
         return [shared] * n
     rows = _rows(items, "response_prefix_ids", pad_token_id)
     if len(rows) != n:
-        raise ValueError(f"response_prefix_ids has {len(rows)} rows for {n} examples; pass one list for every "
-                         "row, or one list per row")
+        raise ValueError(
+            f"response_prefix_ids has {len(rows)} rows for {n} examples; pass one list for every "
+            "row, or one list per row"
+        )
     return rows
 
 
@@ -135,8 +142,10 @@ def insert_prompt_slots(
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < num_tokens + 1):
-        raise ValueError(f"max_length must be an int >= num_tokens + 1 = {num_tokens + 1} (one instruction token "
-                         f"and the slots), got {max_length!r}")
+        raise ValueError(
+            f"max_length must be an int >= num_tokens + 1 = {num_tokens + 1} (one instruction token "
+            f"and the slots), got {max_length!r}"
+        )
     instruction_ids = _rows(instruction_ids, "instruction_ids", pad_token_id)
     if len(instruction_ids) == 0:
         raise ValueError("insert_prompt_slots needs at least one example")
@@ -156,15 +165,17 @@ def insert_prompt_slots(
         pre = prefixes[i]
         if max_length is not None:
             if num_tokens + 1 + len(pre) > max_length:
-                raise ValueError(f"row {i}: max_length={max_length} cannot hold one instruction token, {num_tokens} "
-                                 f"slots and the {len(pre)}-token response prefix")
+                raise ValueError(
+                    f"row {i}: max_length={max_length} cannot hold one instruction token, {num_tokens} "
+                    f"slots and the {len(pre)}-token response prefix"
+                )
             over = len(ins) + num_tokens + len(pre) + len(resp) - max_length
             cut = min(max(over, 0), max(len(ins) - 1, 0))
             if cut:
-                ins = ins[cut:] if truncation_side == "left" else ins[:len(ins) - cut]
+                ins = ins[cut:] if truncation_side == "left" else ins[: len(ins) - cut]
             over -= cut
             if over > 0:
-                resp = resp[:len(resp) - over]
+                resp = resp[: len(resp) - over]
         ids = ins + [slot] * num_tokens + pre + resp
         instr = [True] * len(ins) + [False] * (num_tokens + len(pre) + len(resp))
         labels = [-100] * (len(ins) + num_tokens + len(pre)) + resp
@@ -206,8 +217,6 @@ def _require(ok: torch.Tensor, message: str) -> None:
     raise ValueError(message)
 
 
-
-
 def slot_positions(
     instruction_mask: torch.Tensor,
     num_tokens: int,
@@ -227,10 +236,14 @@ def slot_positions(
     device = instruction_mask.device
     if slot_mask is not None:
         if slot_mask.shape != (B, S):
-            raise ValueError(f"slot_mask must have shape {(B, S)} like instruction_mask, got {tuple(slot_mask.shape)}")
+            raise ValueError(
+                f"slot_mask must have shape {(B, S)} like instruction_mask, got {tuple(slot_mask.shape)}"
+            )
         slot_mask = slot_mask.bool()
-        _require(slot_mask.sum(1) == num_tokens, f"slot_mask must have exactly num_tokens={num_tokens} True "
-                 "positions per row")
+        _require(
+            slot_mask.sum(1) == num_tokens,
+            f"slot_mask must have exactly num_tokens={num_tokens} True positions per row",
+        )
         # The first num_tokens True positions of each row, in order, without a data-dependent shape.
         pos = torch.arange(S, device=device).expand(B, S)
         key = torch.where(slot_mask, pos, pos + S)
@@ -248,6 +261,9 @@ def slot_positions(
         first = torch.zeros_like(start)
     start = torch.where(has_instr, start, first)
     index = start[:, None] + torch.arange(num_tokens, device=device)
-    _require(index < S, f"no room for {num_tokens} slot tokens after the instruction (sequence length {S}); lay "
-             f"inputs out with insert_prompt_slots(num_tokens={num_tokens})")
+    _require(
+        index < S,
+        f"no room for {num_tokens} slot tokens after the instruction (sequence length {S}); lay "
+        f"inputs out with insert_prompt_slots(num_tokens={num_tokens})",
+    )
     return index

@@ -639,9 +639,11 @@ class IAPTModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones((B, S), dtype=torch.long, device=device)
         if not bool(attention_mask[free, -1].bool().all()):
-            raise ValueError("tenant -1 rows are generated on their instruction alone, which needs prompts that "
-                             "end the row (generation continues from the last position): pass left-padded prompts "
-                             "(insert_prompt_slots(..., padding_side='left'))")
+            raise ValueError(
+                "tenant -1 rows are generated on their instruction alone, which needs prompts that "
+                "end the row (generation continues from the last position): pass left-padded prompts "
+                "(insert_prompt_slots(..., padding_side='left'))"
+            )
         pos = torch.arange(S, device=device).expand(B, S)
         is_slot = torch.zeros((B, S), dtype=torch.bool, device=device).scatter(1, state.slot_index, True)
         # Slots first, then every other position in its order; rows with an adapter stay as they are.
@@ -655,8 +657,12 @@ class IAPTModel(nn.Module):
         attention_mask = move(attention_mask).clone()
         attention_mask[free, :L] = 0
         state = _SlotState(move(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
-        return (None if input_ids is None else move(input_ids), attention_mask,
-                None if inputs_embeds is None else move(inputs_embeds), state)
+        return (
+            None if input_ids is None else move(input_ids),
+            attention_mask,
+            None if inputs_embeds is None else move(inputs_embeds),
+            state,
+        )
 
     # ----------------------------------------------------------------- public
     def forward(

@@ -23,7 +23,7 @@ __all__ = ["attention_pool", "unpack"]
 def unpack(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed `(N, d)` + `cu_seqlens (B+1,)` -> padded `(B, S_max, d)` and its mask `(B, S_max)`."""
     bounds = cu_seqlens.tolist()
-    seqs = [hidden_states[bounds[b]: bounds[b + 1]] for b in range(len(bounds) - 1)]
+    seqs = [hidden_states[bounds[b] : bounds[b + 1]] for b in range(len(bounds) - 1)]
     lengths = torch.tensor([len(s) for s in seqs], device=hidden_states.device)
     padded = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     mask = torch.arange(padded.shape[1], device=hidden_states.device)[None, :] < lengths[:, None]
