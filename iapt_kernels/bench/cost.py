@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 # TorchDispatchMode has no public home in torch; it is the only way to see every aten op the reference
 # really runs (forward and backward). Only this counter uses it (docs/design.md section 7).
 from torch.utils._python_dispatch import TorchDispatchMode
