@@ -70,7 +70,7 @@ def attention_pool(
     """Self-attention pooling of instruction tokens into ``L`` bottleneck vectors (docs/design.md section 1).
 
     ``U = A^T (H Wd^T + bd)`` with ``A = softmax over S of ((H Wd^T + bd) Wp^T)``, restricted to
-    instruction tokens. The fused backends never form ``H Wd^T`` (section 3).
+    instruction tokens. The fused backends never form ``H Wd^T`` (docs/design.md section 3).
 
     Args:
         hidden_states: padded ``(B, S, d)`` with ``mask``, or packed ``(N, d)`` (instruction tokens

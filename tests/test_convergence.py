@@ -3,13 +3,13 @@ tests). Same seed, same backbone, same fixed batches, AdamW for 32 steps: the lo
 the final generator parameters of a fused backend match the reference backend's.
 
 Tolerances. fp32: per-step loss within rtol 1e-5 (the issue's bar) and final parameters within
-rel_err 1e-5 (measured here: 2e-7 and 1e-6). Gradients agree to ~1e-6 per step (DESIGN.md section 5),
+rel_err 1e-5 (measured here: 2e-7 and 1e-6). Gradients agree to ~1e-6 per step (docs/design.md section 5),
 but AdamW divides each update by sqrt(v), so a last-bit difference in a near-zero gradient element
 becomes a visible step of that element; after 32 steps that stays near 1e-6 of the parameters' norm.
 bf16 backbone: the generators still compute in fp32, but their prompts are rounded to bf16 before the
 layer runs, so a last-bit fp32 difference flips a bf16 rounding (2^-8 relative) now and then, and the
 flip propagates through the rest of the run: per-step loss within rtol 2e-3 and final parameters within
-rel_err 5e-3 (measured: 2e-4 and 6e-4; about ten times that, well inside DESIGN.md's 2e-2 bf16 kernel
+rel_err 5e-3 (measured: 2e-4 and 6e-4; about ten times that, well inside docs/design.md's 2e-2 bf16 kernel
 tolerance).
 """
 
