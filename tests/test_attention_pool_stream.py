@@ -182,6 +182,27 @@ def test_autotune_members_share_tiles_and_are_all_in_the_static_report():
                 )
 
 
+def test_tuner_keeps_the_fastest_member_first_on_ties_and_skips_what_cannot_launch(monkeypatch):
+    """`_fastest` with a fake `do_bench` that returns each member's made-up time."""
+    import triton.testing
+
+    configs = [dict(num_warps=4, num_stages=s) for s in (2, 3, 4, 5)]
+
+    def timed(times):
+        def launch(cfg):
+            t = times[configs.index(cfg)]
+            if t is None:
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return t
+
+        return launch
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    assert ap._fastest(timed([2.0, 1.0, None, 1.5]), configs) == configs[1]
+    assert ap._fastest(timed([None, 3.0, 3.0, 4.0]), configs) == configs[1]  # a tie keeps the earlier
+    assert ap._fastest(timed([None, None, None, None]), configs) == configs[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (the interpreter runs the default member)"

@@ -63,6 +63,7 @@ mask, or packed `(N, d)` with `cu_seqlens`; the multi-tenant generator runs them
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -367,7 +368,7 @@ def stream_fwd(h, mask, cu_seqlens, max_seqlen, wdp, c, requests=None):
         zp = torch.empty((rows, nchunk, L, D), dtype=cdt, device=h.device)
         st = torch.empty((rows, nchunk, 2, meta["L_PAD"]), dtype=cdt, device=h.device)
         _launch_stream(_attention_pool_fwd_kernel, (rows, nchunk), (h, *args, wdp, c, e, zp, st, S, D, L, chunk),
-                       meta, (h.dtype, D, S, rows, chunk))
+                       meta, h.dtype, D, S, rows, chunk)
         _attention_pool_combine_kernel[(rows, triton.cdiv(D, meta["BLOCK_D"]))](
             args[1], args[2], args[3], zp, st, z, lse, S, D, L, chunk, nchunk, PACKED=meta["PACKED"],
             HAS_ORDER=meta["HAS_ORDER"], L_PAD=meta["L_PAD"], BLOCK_D=meta["BLOCK_D"], num_warps=NUM_WARPS,
@@ -400,7 +401,7 @@ def stream_bwd(h, mask, cu_seqlens, max_seqlen, a, gz, wdp, requests=None, *, z)
     gw = torch.empty((rows, nchunk, L, D), dtype=cdt, device=h.device)
     ds = torch.empty((rows, nchunk, meta["L_PAD"]), dtype=cdt, device=h.device)
     _launch_stream(_attention_pool_bwd_kernel, (rows, nchunk),
-                   (h, *args, a, gz, wdp, delta, gh, gw, ds, S, D, L, chunk), meta, (h.dtype, D, S, rows, chunk))
+                   (h, *args, a, gz, wdp, delta, gh, gw, ds, S, D, L, chunk), meta, h.dtype, D, S, rows, chunk)
     # The chunk partials in chunk order, then Z (delta - sum_s A gA): gWdp of gE = A (gA - sum_s A gA),
     # the sums also in chunk order (csrc/attention_pool.cpp, bwd_finish).
     corr = delta - ds[:, :, :L].sum(dim=1, dtype=torch.float64).to(cdt)
@@ -428,37 +429,43 @@ def _stream_setup(h, mask, cu_seqlens, max_seqlen, wdp, requests):
 _TUNED: dict = {}
 
 
-def _launch_stream(kernel, grid, args, meta, shape_key):
+def _launch_stream(kernel, grid, args, meta, dtype, D, S, rows, chunk):
     """Launch a kernel that streams H with a member of `stream_configs`. On CUDA the first launch of
-    each (kernel, device, constexprs, shape) times every member once (`do_bench`, a few ms) and keeps
-    the fastest for the process; both kernels only overwrite their outputs, so the timing runs leave
-    them as one launch would. The interpreter, a CUDA graph capture and `IAPT_AUTOTUNE=0` use the
-    default member: the member can change how `tl.sum` spreads a block's rows over threads, so pin it
-    where results must match bit for bit across processes (within one process they always do)."""
+    each (kernel, device, constexprs, d, chunk, S and program rows to the next power of two) times every
+    member once (`do_bench`, a few ms) and keeps the fastest for the process; the powers of two keep a
+    batch whose length changes every step from tuning every step. Both kernels only overwrite their
+    outputs, so the timing runs leave them as one launch would. The interpreter, a CUDA graph capture
+    and `IAPT_AUTOTUNE=0` use the default member: the member can change how `tl.sum` spreads a block's
+    rows over threads, so pin it where results must match bit for bit across processes (within one
+    process they always do)."""
+
+    def launch(cfg):
+        kernel[grid](*args, **meta, NUM_STAGES=cfg["num_stages"], **cfg)
+
     configs = stream_configs(meta["L_PAD"])
     cfg = configs[0]
     h = args[0]
-    if (h.is_cuda and os.environ.get("IAPT_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing()):
-        key = (kernel.fn.__name__, h.device.index, *sorted(meta.items()), *shape_key)
+    if h.is_cuda and os.environ.get("IAPT_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing():
+        key = (kernel.fn.__name__, h.device.index, *sorted(meta.items()), dtype, D, chunk,
+               triton.next_power_of_2(S), triton.next_power_of_2(rows))
         if key not in _TUNED:
-            _TUNED[key] = _fastest(kernel, grid, args, meta, configs)
+            _TUNED[key] = _fastest(launch, configs)
         cfg = _TUNED[key]
-    kernel[grid](*args, **meta, NUM_STAGES=cfg["num_stages"], **cfg)
+    launch(cfg)
 
 
-def _fastest(kernel, grid, args, meta, configs):
+def _fastest(launch, configs):
+    """The member of `configs` with the least `do_bench` time (the first on a tie); members this GPU
+    cannot launch (e.g. one stage more than its shared memory) are skipped."""
     from triton.testing import do_bench
 
     times = []
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
         try:
-            ms = do_bench(lambda: kernel[grid](*args, **meta, NUM_STAGES=cfg["num_stages"], **cfg),
-                          warmup=2, rep=10)
-        except triton.runtime.errors.OutOfResources:  # e.g. one stage more than this GPU's shared memory
+            times.append((do_bench(functools.partial(launch, cfg), warmup=2, rep=10), i))
+        except triton.runtime.errors.OutOfResources:
             continue
-        times.append((ms, len(times), cfg))
-    return min(times, key=lambda t: t[:2])[2] if times else configs[0]
+    return configs[min(times)[1]] if times else configs[0]
 
 
 def precision(dtype: torch.dtype) -> str:
