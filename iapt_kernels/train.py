@@ -1,16 +1,17 @@
-"""Train IAPT soft-prompt generators on a frozen causal LM.
+r"""Train IAPT soft-prompt generators on a frozen causal LM.
 
     python -m iapt_kernels.train                                  # built-in synthetic task, tiny random Llama
     python -m iapt_kernels.train --evaluate iapt-adapter          # reload what that run saved, re-score it
     python -m iapt_kernels.train --model DIR --data train.jsonl --out adapter/
     torchrun --nproc_per_node 2 -m iapt_kernels.train --steps 5   # DistributedDataParallel (gloo / nccl)
 
-``--data`` is a JSONL file of ``{"instruction": ..., "response": ...}`` objects; ``--model`` a local
-directory with a causal LM and its tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``); nothing is
-ever downloaded. With ``--model`` each example is laid out as ``[instruction][slots][--response-prefix,
-default "\n"][response]``, so a real token, not a slot, predicts the response. Without ``--model`` the run uses a tiny randomly initialised Llama and a small
-vocabulary, on a synthetic task: the largest or the smallest digit of a digit string, as the
-instruction says. Only the generators train. The end of the run scores greedy generation on held-out
+``--data`` is a JSONL file of ``{"instruction": ..., "response": ...}`` objects (``"output"`` in place
+of ``"response"`` too, as the real-task data has it); ``--model`` a local directory with a causal LM and
+its tokenizer (``AutoModelForCausalLM`` / ``AutoTokenizer``); nothing is ever downloaded. With
+``--model`` each example is laid out as ``[instruction][slots][--response-prefix, default
+"\n"][response]``, so a real token, not a slot, predicts the response. Without ``--model`` the run uses a
+tiny randomly initialised Llama and a small vocabulary, on a synthetic task: the largest or the smallest
+digit of a digit string, as the instruction says. Only the generators train. The end of the run scores greedy generation on held-out
 examples (exact match of the answer and EOS) and saves the adapter with :func:`iapt_kernels.save_iapt`;
 with the built-in model it also saves that backbone (``base_model/``) and the task (``demo.json``), so
 ``--evaluate`` reloads everything and reproduces the score.
@@ -28,6 +29,7 @@ import time
 import torch
 
 import iapt_kernels as ik
+from iapt_kernels.integrations.collator import RESPONSE_TEXT_KEYS
 
 __all__ = ["main", "SyntheticTask", "tiny_llama", "load_demo", "exact_match"]
 
@@ -117,7 +119,10 @@ def _parse(argv):
         help="local directory of a causal LM and its tokenizer; never downloaded "
         "(default: a tiny random Llama)",
     )
-    p.add_argument("--data", help='JSONL of {"instruction","response"} (default: the synthetic max/min task)')
+    p.add_argument(
+        "--data",
+        help='JSONL of {"instruction","response"} or {"instruction","output"} (default: the synthetic task)',
+    )
     p.add_argument(
         "--out", default="iapt-adapter", help="directory the adapter is saved to (default %(default)s)"
     )
@@ -180,10 +185,14 @@ def _load_jsonl(path, tokenizer, max_length):
                 ex = json.loads(line)
             except ValueError as exc:
                 raise ValueError(f"{path}:{ln}: not valid JSON ({exc})") from None
-            if not isinstance(ex, dict) or "instruction" not in ex or "response" not in ex:
-                raise ValueError(f"{path}:{ln}: each line needs 'instruction' and 'response'")
+            key = next((k for k in RESPONSE_TEXT_KEYS if isinstance(ex, dict) and k in ex), None)
+            if not isinstance(ex, dict) or "instruction" not in ex or key is None:
+                got = sorted(ex) if isinstance(ex, dict) else type(ex).__name__
+                raise ValueError(
+                    f"{path}:{ln}: each line needs 'instruction' and 'response' (or 'output'); got {got}"
+                )
             ins = tokenizer(ex["instruction"])["input_ids"]
-            resp = tokenizer(ex["response"], add_special_tokens=False)["input_ids"] + (
+            resp = tokenizer(ex[key], add_special_tokens=False)["input_ids"] + (
                 [eos] if eos is not None else []
             )
             pairs.append((ins[: max_length // 2], resp[: max_length // 2]))

@@ -150,10 +150,14 @@ def test_batch_without_slots_is_refused():
 def test_too_few_slot_tokens_is_refused():
     w = wrap(tiny_model("llama"))
     train = ik.insert_prompt_slots(INSTR, RESP, num_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="laid out for 3 slot tokens .*num_tokens=4"):
+        w(**train)
+    del train["slot_mask"]  # a batch without its record: the layout itself shows the slots missing
     with pytest.raises(ValueError, match="slot positions (hold labels|fall on padding)"):
         w(**train)
     for side in ("left", "right"):
         prompt = ik.insert_prompt_slots(INSTR, num_tokens=3, pad_token_id=0, padding_side=side)
+        del prompt["slot_mask"]
         with pytest.raises(ValueError, match="no room|fall on padding"):
             w.generate(**prompt, max_new_tokens=2)
 
@@ -183,7 +187,7 @@ def test_slot_mask_on_instruction_is_refused():
     sm = torch.zeros_like(b["instruction_mask"])
     sm[:, :L] = True  # row 1 has 2 instruction tokens: these slots overlap the instruction
     with pytest.raises(ValueError, match="slot_mask is True on instruction tokens"):
-        w(**b, slot_mask=sm)
+        w(**{**b, "slot_mask": sm})
 
 
 # ----------------------------------------------------------------------------- 4. tenant -1

@@ -242,6 +242,7 @@ def test_explicit_slot_mask_matches_default():
 
     idx = slot_positions(b["instruction_mask"], L, b["attention_mask"])
     slot_mask = torch.zeros_like(b["instruction_mask"]).scatter_(1, idx, True)
+    assert torch.equal(b.pop("slot_mask"), slot_mask)  # the batch's record of its layout
     with torch.no_grad():
         assert torch.equal(w(**b).logits, w(**b, slot_mask=slot_mask).logits)
 
@@ -350,6 +351,8 @@ def test_single_tenant_adapter_loads_into_tenant_slot(tmp_path):
     ik.save_iapt(single, tmp_path / "one")
     mt = wrap(tiny_model("llama"), seed=4, num_tenants=3)
     ik.load_iapt(mt, tmp_path / "one", tenant=2)
+    assert mt.tenant_weights == ("initial", "initial", "loaded")
+    mt(**b, tenant_ids=torch.tensor([0, 0, 0]))  # a call with gradients: tenant 0 trains from scratch
     with torch.no_grad():
         out = mt(**b, tenant_ids=torch.tensor([2, 2, 2])).logits
         mixed = mt(**b, tenant_ids=torch.tensor([0, 2, -1])).logits

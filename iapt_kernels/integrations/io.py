@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..modules import MultiTenantPromptGenerator, PromptGenerator
-from .transformers import IAPTConfig, IAPTModel, apply_iapt
+from .transformers import UNTRAINED_KEY, IAPTConfig, IAPTModel, apply_iapt
 
 __all__ = ["save_iapt", "load_iapt", "read_iapt_config"]
 
@@ -63,10 +64,20 @@ def _base_model_info(model: IAPTModel) -> dict[str, Any]:
     }
 
 
-def adapter_metadata(model: IAPTModel, config: IAPTConfig | None = None) -> dict[str, Any]:
-    """The ``iapt_config.json`` content for ``model`` (``config`` replaces its :class:`IAPTConfig`)."""
+def _untrained(model: IAPTModel) -> list[int]:
+    """The tenants of a multi-tenant ``model`` that still hold their initial random weights."""
+    if model.iapt_config.num_tenants == 1:
+        return []
+    return [t for t, how in enumerate(model.tenant_weights) if how == "initial"]
+
+
+def adapter_metadata(
+    model: IAPTModel, config: IAPTConfig | None = None, untrained: list[int] | None = None
+) -> dict[str, Any]:
+    """The ``iapt_config.json`` content for ``model`` (``config`` replaces its :class:`IAPTConfig`;
+    ``untrained``, default the model's own, the tenants recorded under ``untrained_tenants``)."""
     cfg = model.iapt_config if config is None else config
-    return {
+    meta = {
         "format": "iapt_kernels",
         "format_version": FORMAT_VERSION,
         "iapt_config": cfg.to_dict(),
@@ -74,6 +85,10 @@ def adapter_metadata(model: IAPTModel, config: IAPTConfig | None = None) -> dict
         "num_layers": model.num_layers,
         "base_model": _base_model_info(model),
     }
+    untrained = _untrained(model) if untrained is None else untrained
+    if untrained:  # absent (adapters of earlier versions too): every tenant holds weights
+        meta[UNTRAINED_KEY] = untrained
+    return meta
 
 
 def decode_metadata(state, where: str) -> dict[str, Any]:
@@ -196,16 +211,27 @@ def save_iapt(
         ]
     else:
         layers = [g.state_dict() for g in model.generators]
+    untrained = _untrained(model)
     if tenant is not None and T > 1:
         _check_tenant(tenant, T)
         # tenant t of every stacked (T, ...) parameter, in the single-tenant generator's shapes
         shapes = {k: v.shape for k, v in model.generators[0].generator(0).state_dict().items()}
         layers = [{k: _full_tensor(v)[tenant].reshape(shapes[k]) for k, v in sd.items()} for sd in layers]
         out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
+        untrained, out_untrained = [t for t in untrained if t == tenant], [0] if tenant in untrained else []
     else:
         if tenant is not None:
             _check_tenant(tenant, 1)
         out_cfg = IAPTConfig.from_dict(cfg.to_dict())
+        out_untrained = untrained
+    if untrained and _rank0():
+        warnings.warn(
+            f"save_iapt: tenants {untrained} hold their initial random weights (neither trained nor "
+            f"loaded); the adapter records them under {UNTRAINED_KEY!r}, and load_iapt will not count "
+            "them as loaded",
+            UserWarning,
+            stacklevel=2,
+        )
     state = {f"{l}.{k}": _full_tensor(v) for l, sd in enumerate(layers) for k, v in sd.items()}
     if not _rank0():
         return
@@ -214,7 +240,7 @@ def save_iapt(
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _write(os.path.join(path, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
-    meta = adapter_metadata(model, out_cfg)
+    meta = adapter_metadata(model, out_cfg, out_untrained)
     _write(os.path.join(path, CONFIG_NAME), (json.dumps(meta, indent=2) + "\n").encode())
 
 
@@ -291,9 +317,15 @@ def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
     ``model`` is an :class:`IAPTModel`, or a bare causal LM (it is then wrapped with the saved
     config). ``tenant`` names a tenant slot on the multi-tenant side: a single-tenant adapter loads
     into tenant ``tenant`` of a multi-tenant model; tenant ``tenant`` of a multi-tenant adapter loads
-    into a single-tenant model (or into the same slot of a multi-tenant one). Without ``tenant``,
-    adapter and model must have the same number of tenants. An adapter trained on another base model
-    (architecture, hidden size, layer count) is refused; every error names the file.
+    into a single-tenant model (or into the same slot of a multi-tenant one). So a bare causal LM with
+    ``tenant=t`` and a multi-tenant adapter gives a single-tenant model holding tenant ``t``. Without
+    ``tenant``, adapter and model must have the same number of tenants. An adapter trained on another
+    base model (architecture, hidden size, layer count) is refused; every error names the file.
+
+    The loaded tenants count as ``"loaded"`` in :attr:`IAPTModel.tenant_weights`; the others of a
+    multi-tenant model keep what they held, and once one tenant is loaded, generating with a tenant
+    that holds neither loaded nor trained weights is an error. Tenants the adapter records as saved
+    untrained (``untrained_tenants``) stay ``"initial"``, and picking one with ``tenant=`` is refused.
     """
     path = os.fspath(path)
     saved_cfg, meta = read_iapt_config(path)
@@ -306,18 +338,36 @@ def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
     else:
         file = os.path.join(path, TRAINER_WEIGHTS_NAME)
         state = {k[len("generators.") :]: v for k, v in _open_safetensors(file, prefix="generators.").items()}
+    where = config_file if os.path.isfile(config_file) else file
+    Ts = saved_cfg.num_tenants
+    untrained = [t for t in meta.get(UNTRAINED_KEY, []) if isinstance(t, int) and 0 <= t < Ts]
+    if tenant is not None and tenant in untrained:
+        raise ValueError(
+            f"{where}: tenant {tenant} of this adapter was saved with its initial random weights "
+            f"(untrained_tenants {untrained}); pick a trained tenant"
+        )
     model = _unwrap(model)
     if not isinstance(model, IAPTModel):
-        model = apply_iapt(model, saved_cfg)
+        if tenant is not None and Ts > 1:  # one tenant of a multi-tenant adapter: a single-tenant model
+            single = {**saved_cfg.to_dict(), "num_tenants": 1, "share_projections": False}
+            model = apply_iapt(model, IAPTConfig.from_dict(single))
+        else:
+            model = apply_iapt(model, saved_cfg)
     cfg = model.iapt_config
-    check_metadata(model, meta, config_file if os.path.isfile(config_file) else file)
+    check_metadata(model, meta, where)
     layers = _layer_states(state, model.num_layers, file)
-    Ts, Tm = saved_cfg.num_tenants, cfg.num_tenants
+    Tm = cfg.num_tenants
     gens = model.generators
     try:
-        return _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant)
+        _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant)
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
         raise ValueError(f"{file}: the weights do not fit the adapter's config ({exc})") from None
+    if tenant is None:
+        model._set_tenant_weights(range(Tm), "loaded")
+        model._set_tenant_weights(untrained, "initial")
+    elif Tm > 1:
+        model._set_tenant_weights([tenant], "initial" if Ts == 1 and untrained else "loaded")
+    return model
 
 
 def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):

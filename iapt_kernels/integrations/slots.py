@@ -50,12 +50,57 @@ def _rows(ids, what: str, pad_token_id: int) -> list[list[int]]:
         return [[int(t) for t in r] for r in rows]
     if isinstance(ids, str) or (len(ids) and isinstance(ids[0], str)):
         raise TypeError(f"{what} must hold token ids, not text: tokenize first")
+    if len(ids) and _is_id(ids[0]):
+        raise TypeError(
+            f"{what} must be a list of rows, one list of token ids per example; got a flat list of "
+            f"{type(ids[0]).__name__}s. For one example pass [ids]"
+        )
     out = []
-    for r in ids:
+    for i, r in enumerate(ids):
         if isinstance(r, (str, bytes)):
             raise TypeError(f"{what} must hold lists of token ids, got a {type(r).__name__} row")
-        out.append([int(t) for t in (r.tolist() if torch.is_tensor(r) else r)])
+        try:
+            out.append([int(t) for t in (r.tolist() if torch.is_tensor(r) else r)])
+        except TypeError:
+            raise TypeError(
+                f"{what} row {i} is a {type(r).__name__}, not a list of token ids; pass one list per example"
+            ) from None
+    _refuse_padded_lists(out, what, pad_token_id)
     return out
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) or (torch.is_tensor(x) and x.dim() == 0)
+
+
+def _pad_run(row: list[int], pad: int, end: int) -> int:
+    """How many ``pad`` ids ``row`` starts (``end=0``) or ends (``end=-1``) with."""
+    seq = row if end == 0 else row[::-1]
+    n = 0
+    while n < len(seq) and seq[n] == pad:
+        n += 1
+    return n
+
+
+def _refuse_padded_lists(rows: list[list[int]], what: str, pad: int) -> None:
+    """Refuse token-id lists that look padded: the pad ids would silently count as tokens.
+
+    Padding a batch adds pad ids at one end of the shorter rows until all rows have one length. So
+    lists look padded when, at the start or at the end, a row has a run of two or more pad ids (a real
+    row ends with at most one: an EOS that doubles as the pad id, as for most causal LMs), or when the
+    rows all have one length and some row has a longer run than another.
+    """
+    same_length = len(rows) > 1 and len({len(r) for r in rows}) == 1
+    for end, side in ((-1, "end"), (0, "start")):
+        runs = [_pad_run(r, pad, end) for r in rows]
+        low = min(runs)
+        bad = [i for i, n in enumerate(runs) if n >= 2 or (same_length and n > low)]
+        if bad:
+            raise ValueError(
+                f"{what} rows {bad} {side} with pad_token_id={pad} ({max(runs[i] for i in bad)} at most): "
+                "they look padded, and the padding would count as tokens. Pass unpadded lists, or the "
+                "tokenizer output itself (with its attention_mask)"
+            )
 
 
 _NO_PREFIX_WARNING = (
@@ -100,7 +145,7 @@ def insert_prompt_slots(
     truncation_side: str = "left",
     response_prefix_ids=None,
 ) -> dict[str, torch.Tensor]:
-    """Lay out a batch as ``[instruction][num_tokens slots][response prefix][response]`` and pad it.
+    r"""Lay out a batch as ``[instruction][num_tokens slots][response prefix][response]`` and pad it.
 
     Args:
         instruction_ids: one list of token ids per example (may be empty), or a tokenizer's output
@@ -131,9 +176,14 @@ def insert_prompt_slots(
 
     Returns:
         A dict of ``(B, S)`` tensors: ``input_ids`` (long), ``attention_mask`` (long, 1 on real and
-        slot tokens), ``instruction_mask`` (bool, True on instruction tokens) and, when
-        ``response_ids`` is given, ``labels`` (long, the response ids, ``-100`` on instruction,
-        slot, response-prefix and padding positions).
+        slot tokens), ``instruction_mask`` (bool, True on instruction tokens), ``slot_mask`` (bool,
+        True on the ``num_tokens`` slots of each row: the batch's record of its layout, so a model
+        whose ``L`` differs refuses it) and, when ``response_ids`` is given, ``labels`` (long, the
+        response ids, ``-100`` on instruction, slot, response-prefix and padding positions).
+
+    Token-id lists that look padded are refused (a run of two or more ``pad_token_id`` at either end
+    of a row, or rows of one length whose runs differ): the pad ids would count as tokens. Pass the
+    tokenizer's output with its ``attention_mask`` instead, or unpadded lists.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -179,38 +229,49 @@ def insert_prompt_slots(
         ids = ins + [slot] * num_tokens + pre + resp
         instr = [True] * len(ins) + [False] * (num_tokens + len(pre) + len(resp))
         labels = [-100] * (len(ins) + num_tokens + len(pre)) + resp
-        rows.append((ids, instr, labels))
+        slots = [False] * len(ins) + [True] * num_tokens + [False] * (len(pre) + len(resp))
+        rows.append((ids, instr, labels, slots))
     S = max(len(r[0]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, S), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, S), dtype=torch.long)
     instruction_mask = torch.zeros((B, S), dtype=torch.bool)
+    slot_mask = torch.zeros((B, S), dtype=torch.bool)
     labels = torch.full((B, S), -100, dtype=torch.long)
-    for b, (ids, instr, lab) in enumerate(rows):
+    for b, (ids, instr, lab, slots) in enumerate(rows):
         n = len(ids)
         sl = slice(0, n) if padding_side == "right" else slice(S - n, S)
         input_ids[b, sl] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, sl] = 1
         instruction_mask[b, sl] = torch.tensor(instr, dtype=torch.bool)
         labels[b, sl] = torch.tensor(lab, dtype=torch.long)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "instruction_mask": instruction_mask}
+        slot_mask[b, sl] = torch.tensor(slots, dtype=torch.bool)
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "instruction_mask": instruction_mask,
+        "slot_mask": slot_mask,
+    }
     if response_ids is not None:
         out["labels"] = labels
     return out
 
 
-def _require(ok: torch.Tensor, message: str) -> None:
+def _require(ok: torch.Tensor, message: str, explain=None) -> None:
     """Raise ``ValueError(message)`` unless every element of the bool tensor ``ok`` is True.
 
-    Eager: one host read per check, once per batch, and the message names the failing rows. Under
-    ``torch.compile`` the check becomes an asynchronous assert in the graph, so validation neither
-    breaks the graph nor synchronises.
+    Eager: one host read per check, once per batch, and the message names the failing rows; on a
+    failure ``explain()``, when given, returns a message that says more than ``message`` can (it may
+    read the data). Under ``torch.compile`` the check becomes an asynchronous assert in the graph
+    with ``message``, so validation neither breaks the graph nor synchronises.
     """
     if torch.compiler.is_compiling():
         torch._assert_async(ok.all(), message)
         return
     if bool(ok.all()):
         return
+    if explain is not None:
+        message = explain()
     if ok.dim() >= 1:
         bad = (~ok).reshape(ok.shape[0], -1).any(1).nonzero().flatten().tolist()
         message = f"{message} (rows {bad})"
@@ -240,9 +301,20 @@ def slot_positions(
                 f"slot_mask must have shape {(B, S)} like instruction_mask, got {tuple(slot_mask.shape)}"
             )
         slot_mask = slot_mask.bool()
+        counts = slot_mask.sum(1)
+
+        def explain():
+            got = sorted({int(c) for c in counts.tolist()} - {num_tokens})
+            return (
+                f"the batch was laid out for {' or '.join(map(str, got))} slot tokens per row (its "
+                f"slot_mask), but this model has num_tokens={num_tokens}: build the batch with "
+                f"insert_prompt_slots(num_tokens={num_tokens}) or IAPTDataCollator(num_tokens={num_tokens})"
+            )
+
         _require(
-            slot_mask.sum(1) == num_tokens,
+            counts == num_tokens,
             f"slot_mask must have exactly num_tokens={num_tokens} True positions per row",
+            explain,
         )
         # The first num_tokens True positions of each row, in order, without a data-dependent shape.
         pos = torch.arange(S, device=device).expand(B, S)

@@ -18,9 +18,11 @@ the backbone called directly is always the bare backbone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect  # the backbone's forward signature (position_ids), not our own modules
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,8 @@ from ..tenants import TenantGroups
 from .slots import _require, slot_positions
 
 __all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers"]
+
+UNTRAINED_KEY = "untrained_tenants"  # adapter metadata: tenants saved with their initial weights
 
 
 @dataclass
@@ -258,6 +262,27 @@ def _max_positions(config) -> int | None:
     return None
 
 
+_PEFT_HOOKS = (
+    "transformers' own adapter methods would act on the frozen backbone. IAPT adapters load with "
+    "iapt_kernels.load_iapt or IAPTModel.from_pretrained, and disable_adapter() switches IAPT off"
+)
+# Backbone methods that would act on the backbone where a user expects the adapter: refused, not lent.
+_NOT_FORWARDED = {
+    "from_config": "it builds a bare backbone; wrap one with apply_iapt(AutoModelForCausalLM.from_config(...))",
+    **{
+        name: _PEFT_HOOKS
+        for name in (
+            "load_adapter",
+            "add_adapter",
+            "set_adapter",
+            "delete_adapter",
+            "enable_adapters",
+            "disable_adapters",
+        )
+    },
+}
+
+
 def _adapter_only_state(module, state_dict, prefix, local_metadata) -> None:
     # The backbone is frozen and comes from its own checkpoint: a state_dict (and so every Trainer
     # checkpoint) holds the generators and the adapter metadata only. This also keeps tied backbone
@@ -271,6 +296,12 @@ def _backbone_never_missing(module, incompatible_keys) -> None:
     names = {"model." + k for k in module.model.state_dict(keep_vars=True)}
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not any(k == n or k.endswith("." + n) for n in names)]
+    untrained = module.__dict__.pop("_pending_untrained", None)
+    if untrained is not None and not any("generators." in k for k in missing):
+        # Every tenant's weights came from the state dict: loaded, unless saved untrained.
+        T = module.iapt_config.num_tenants
+        module._set_tenant_weights(range(T), "loaded")
+        module._set_tenant_weights([t for t in untrained if 0 <= t < T], "initial")
 
 
 class IAPTModel(nn.Module):
@@ -353,6 +384,12 @@ class IAPTModel(nn.Module):
         self._gen: _SlotState | None = None  # inside generate: the prompt's state
         self._gen_states: dict = {}
         self._gen_applied = False
+        self._disabled = False  # inside disable_adapter(): the bare backbone
+        self._hooks_removed = False
+        # Per tenant: "initial" (apply_iapt's random weights), "trained" (a call with gradients used it)
+        # or "loaded" (load_iapt, load_state_dict); see tenant_weights.
+        self._tenant_weights = ["initial"] * config.num_tenants
+        self._warned_initial = False
         self._handles = [
             layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
             for i, layer in enumerate(layers)
@@ -384,16 +421,70 @@ class IAPTModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+            if name in _NOT_FORWARDED:
+                raise AttributeError(
+                    f"IAPTModel does not lend {name!r} from {type(self.model).__name__}: {_NOT_FORWARDED[name]}"
+                ) from None
             return getattr(self.model, name)
 
     def remove_hooks(self) -> nn.Module:
-        """Detach every hook and return the bare backbone (its parameters stay frozen)."""
+        """Detach every hook and return the bare backbone (its parameters stay frozen). This wrapper
+        then refuses to run: call the returned backbone, or :func:`apply_iapt` it again."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._hooks_removed = True
         if getattr(self.model, "_iapt_hooked", False):
             del self.model._iapt_hooked
         return self.model
+
+    def _check_hooked(self) -> None:
+        if self._hooks_removed:
+            raise RuntimeError(
+                "this IAPTModel's hooks were removed (remove_hooks()), so it can no longer apply IAPT: "
+                "call the backbone remove_hooks() returned, or wrap it again with apply_iapt"
+            )
+
+    # ----------------------------------------------------------------- PEFT-style helpers
+    def get_base_model(self) -> nn.Module:
+        """The wrapped backbone (``self.model``), as ``peft.PeftModel.get_base_model``."""
+        return self.model
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable (generator) and total parameter counts, as ``peft.PeftModel`` does."""
+        trainable = self.num_trainable_parameters()
+        total = sum(p.numel() for p in self.parameters())
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it, :meth:`forward` and :meth:`generate` are the bare backbone,
+        exactly. ``instruction_mask``, ``slot_mask`` and ``tenant_ids`` are dropped, nothing is checked
+        and no position ids are added: the backbone runs on the batch as given, slot tokens included
+        (for the base model's output on the instruction alone, use tenant ``-1`` in ``generate``)."""
+        self._check_hooked()
+        was, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = was
+
+    @property
+    def tenant_weights(self) -> tuple[str, ...]:
+        """Per tenant, what its generator weights are: ``"initial"`` (the random initialisation of
+        :func:`apply_iapt`), ``"trained"`` (a call with gradients enabled used it) or ``"loaded"``
+        (:func:`iapt_kernels.load_iapt`, ``load_state_dict``). On a multi-tenant model, a call without
+        gradients (``generate``, evaluation) that names an ``"initial"`` tenant raises when some tenant
+        was loaded (a served model with a slot left empty) and otherwise warns once (an untrained
+        baseline is legitimate). ``torch.compile``-d calls neither check nor record."""
+        return tuple(self._tenant_weights)
+
+    def _set_tenant_weights(self, tenants, how: str) -> None:
+        for t in tenants:
+            self._tenant_weights[t] = how
 
     def set_backend(self, backend: str) -> "IAPTModel":
         """Switch every generator (and its activation) to ``backend``; returns ``self``."""
@@ -427,6 +518,59 @@ class IAPTModel(nn.Module):
         if is_main_process:
             save_iapt(self, save_directory, state_dict=state_dict)
 
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path, tenant: int | None = None, **hub_kwargs) -> "IAPTModel":
+        """Load an adapter into backbone ``model``: :func:`iapt_kernels.load_iapt`, as
+        ``peft.PeftModel.from_pretrained(model, path)``.
+
+        ``path`` is a local adapter directory, or else a Hugging Face Hub repository id: only the
+        adapter's two files are downloaded (``huggingface_hub.snapshot_download``, ``hub_kwargs``
+        such as ``revision`` or ``token`` passed on). The backbone is never downloaded here; load it
+        with its own class.
+        """
+        from .io import CONFIG_NAME, WEIGHTS_NAME, load_iapt
+
+        if isinstance(model, (str, os.PathLike)):
+            raise TypeError(
+                "IAPTModel.from_pretrained(model, path) takes the backbone first, then the adapter "
+                "directory; load the backbone with its own class (AutoModelForCausalLM.from_pretrained)"
+            )
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs)
+        return load_iapt(model, path, tenant=tenant)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload IAPT adapter",
+        private: bool | None = None,
+        token=None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload the adapter, what :meth:`save_pretrained` writes (``adapter_model.safetensors`` and
+        ``iapt_config.json``), to Hub repository ``repo_id`` (created if missing); never the backbone.
+        Returns ``huggingface_hub``'s commit info."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
     def get_extra_state(self) -> torch.Tensor:
         """The adapter metadata as a uint8 tensor of JSON (``state_dict`` key ``_extra_state``)."""
         from .io import adapter_metadata
@@ -438,7 +582,10 @@ class IAPTModel(nn.Module):
         """Check that metadata saved by :meth:`get_extra_state` fits this model (``load_state_dict``)."""
         from .io import check_metadata, decode_metadata
 
-        check_metadata(self, decode_metadata(state, "the state_dict's _extra_state"), "the state_dict")
+        meta = decode_metadata(state, "the state_dict's _extra_state")
+        check_metadata(self, meta, "the state_dict")
+        # Applied by _backbone_never_missing once the generators have loaded too.
+        self._pending_untrained = list(meta.get(UNTRAINED_KEY, []))
 
     # ----------------------------------------------------------------- hooks
     def _make_layer_hook(self, index: int):
@@ -598,15 +745,124 @@ class IAPTModel(nn.Module):
                 f"slot positions fall on padding (attention_mask 0): fewer than {L} slot tokens after the "
                 f"instruction? {fix}",
             )
-        if labels is not None and torch.is_tensor(labels) and tuple(labels.shape) == shape:
+        has_labels = labels is not None and torch.is_tensor(labels) and tuple(labels.shape) == shape
+        if has_labels:
+            labels = labels.to(ref.device)
+            at_slots = labels.gather(1, slot_index)
             _require(
-                labels.to(ref.device).gather(1, slot_index) == -100,
-                f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens "
-                f"after the instruction, so the prompts would overwrite response tokens; {fix}",
+                at_slots == -100,
+                f"slot positions hold labels (not -100): either the labels are not IAPT labels or the rows "
+                f"have fewer than {L} slot tokens after the instruction; {fix}",
+                lambda: self._explain_slot_labels(
+                    input_ids, instruction_mask, labels, slot_index, at_slots, fix
+                ),
+            )
+        if slot_mask is None and input_ids is not None:
+            self._check_unrecorded_slots(
+                input_ids,
+                slot_index,
+                attended if attention_mask is not None else None,
+                labels if has_labels else None,
+                fix,
             )
         # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
         groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
+        if groups is not None:
+            self._check_tenant_weights(groups.seg_tenant.tolist())
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
+
+    def _explain_slot_labels(self, input_ids, instruction_mask, labels, slot_index, at_slots, fix) -> str:
+        """What is wrong with a batch whose slot positions hold labels (read only on that failure).
+
+        Every one of the ``L`` slots labelled means the slots are there but labelled: with the
+        instruction labelled too, the labels are a copy of ``input_ids``. Otherwise some slot
+        position holds a response token: the row has fewer slot tokens than ``L``."""
+        L = self.iapt_config.num_tokens
+        bad = (at_slots != -100).any(1)
+        if input_ids is not None:
+            ids = input_ids.gather(1, slot_index)
+            slots_labelled = ((at_slots == ids).all(1) & (ids == ids[:, :1]).all(1))[bad]
+            if bool(slots_labelled.all()):
+                on_instruction = ((labels != -100) & instruction_mask).any(1)[bad]
+                if bool(on_instruction.all()):
+                    return (
+                        "labels copy input_ids (labels = input_ids?): they are set on the instruction and "
+                        f"on the {L} slot tokens, whose hidden states IAPT replaces. IAPT labels are the "
+                        "response ids and -100 everywhere else: build them with insert_prompt_slots("
+                        "instruction_ids, response_ids, ...) or IAPTDataCollator"
+                    )
+                return (
+                    f"labels are set (not -100) on the {L} slot tokens after the instruction: IAPT "
+                    "replaces those positions, so they can learn nothing. Set the slots' labels to -100, "
+                    "as insert_prompt_slots does"
+                )
+        return (
+            f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens after "
+            f"the instruction, so the prompts would overwrite response tokens; {fix}"
+        )
+
+    def _check_unrecorded_slots(self, input_ids, slot_index, attended, labels, fix) -> None:
+        """A batch without ``slot_mask`` is checked as far as its tokens allow.
+
+        insert_prompt_slots writes one token id at every slot of a row: the ``L`` positions after the
+        instruction must hold one id (fewer slot tokens put real tokens there), and the next position
+        must not hold it again, unless it is a label or padding (more slot tokens would be read as real
+        tokens). A batch made by insert_prompt_slots or IAPTDataCollator carries ``slot_mask`` instead.
+        """
+        L = self.iapt_config.num_tokens
+        ids = input_ids.gather(1, slot_index)
+        first = ids[:, :1]
+        also = "or pass slot_mask (insert_prompt_slots returns it) when the slots hold different ids"
+        _require(
+            (ids == first).all(1),
+            f"the {L} positions after the instruction do not hold one slot token id: the rows have fewer "
+            f"than {L} slot tokens (a batch laid out for a smaller num_tokens?); {fix}, {also}",
+        )
+        S = input_ids.shape[1]
+        after = slot_index[:, -1:] + 1
+        at = after.clamp(max=S - 1)
+        extra = (after < S) & (input_ids.gather(1, at) == first)
+        if attended is not None:
+            extra = extra & attended.gather(1, at)
+        if labels is not None:
+            extra = extra & (labels.gather(1, at) == -100)
+        _require(
+            ~extra,
+            f"the token after the {L} slots is the slot token again: the rows have more than {L} slot "
+            f"tokens (a batch laid out for a larger num_tokens?), and the extra ones would be read as real "
+            f"tokens; {fix}, {also}",
+        )
+
+    def _check_tenant_weights(self, present: list[int]) -> None:
+        """Record the tenants a training call uses; refuse (or warn about) tenants without weights."""
+        if self.iapt_config.num_tenants == 1:
+            return
+        status = self._tenant_weights
+        if torch.is_grad_enabled():  # a training call: tenants trained from scratch are legitimate
+            for t in present:
+                if status[t] == "initial":
+                    status[t] = "trained"
+            return
+        empty = [t for t in present if status[t] == "initial"]
+        if not empty:
+            return
+        loaded = [t for t, s in enumerate(status) if s == "loaded"]
+        if loaded:
+            raise ValueError(
+                f"tenant_ids name tenants {empty}, which hold neither loaded nor trained weights (their "
+                f"random initialisation) while tenants {loaded} were loaded: their outputs would be "
+                "garbage. Load their adapters (load_iapt(model, path, tenant=t)), train them first, or use "
+                "tenant -1 for the bare backbone"
+            )
+        if not self._warned_initial:
+            self._warned_initial = True
+            warnings.warn(
+                f"IAPT: tenants {empty} hold their initial random weights (neither trained nor loaded "
+                "since apply_iapt), so their soft prompts are untrained. Expected for a baseline before "
+                "training; otherwise load or train them first. (Warned once per model.)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _position_ids(self, attention_mask, kwargs):
         """Position ids that skip left padding, for a call that starts at position 0.
@@ -638,12 +894,6 @@ class IAPTModel(nn.Module):
         device = state.slot_index.device
         if attention_mask is None:
             attention_mask = torch.ones((B, S), dtype=torch.long, device=device)
-        if not bool(attention_mask[free, -1].bool().all()):
-            raise ValueError(
-                "tenant -1 rows are generated on their instruction alone, which needs prompts that "
-                "end the row (generation continues from the last position): pass left-padded prompts "
-                "(insert_prompt_slots(..., padding_side='left'))"
-            )
         pos = torch.arange(S, device=device).expand(B, S)
         is_slot = torch.zeros((B, S), dtype=torch.bool, device=device).scatter(1, state.slot_index, True)
         # Slots first, then every other position in its order; rows with an adapter stay as they are.
@@ -682,6 +932,11 @@ class IAPTModel(nn.Module):
         ``position_ids`` and without a cache, position ids that skip left padding are passed when
         the backbone takes them, so left- and right-padded rows give the same logits.
         """
+        self._check_hooked()
+        if self._disabled:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         state = self._make_state(
             input_ids,
             attention_mask,
@@ -726,12 +981,25 @@ class IAPTModel(nn.Module):
         With a KV cache the generators run once, at the prefill; with ``use_cache=False`` every step
         re-runs the whole sequence and applies the same prompts again, so greedy output is the same
         either way. Rows of tenant ``-1`` are generated by the bare backbone on their instruction
-        alone (see :class:`IAPTModel`).
+        alone (see :class:`IAPTModel`). Right-padded prompts are refused: generation continues from
+        each row's last position, so prompts must be left-padded (``padding_side="left"``).
         """
+        self._check_hooked()
+        if self._disabled:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
         state = self._make_state(
             input_ids, attention_mask, instruction_mask, tenant_ids, slot_mask, inputs_embeds
         )
+        if attention_mask is not None:
+            ends = attention_mask[:, -1].bool()
+            if not bool(ends.all()):
+                raise ValueError(
+                    f"generate needs left-padded prompts, and rows {(~ends).nonzero().flatten().tolist()} "
+                    "end in padding: generation would continue after their pad tokens. Pad prompts on "
+                    'the left: insert_prompt_slots(..., padding_side="left"), IAPTDataCollator(..., '
+                    'padding_side="left") or a tokenizer with padding_side="left"'
+                )
         S = state.instruction_mask.shape[1]
         new = kwargs.get("max_new_tokens")
         if self.max_positions is not None and isinstance(new, int) and S + new > self.max_positions:
