@@ -309,22 +309,32 @@ class IAPTModel(nn.Module):
 
     Build it with :func:`apply_iapt`. Attributes: ``model`` (the wrapped backbone, all parameters
     frozen), ``generators`` (``nn.ModuleList``, one per decoder layer), ``iapt_config``.
-    Unknown attributes are looked up on the backbone (``config``, ``device``, ...).
+    Unknown attributes are looked up on the backbone (``config``, ``device``, ...), except methods
+    that would act on the backbone where the adapter is meant (``from_config`` and ``transformers``'
+    own adapter methods such as ``load_adapter``: ``AttributeError``). :meth:`save_pretrained`,
+    :meth:`from_pretrained` and :meth:`push_to_hub` handle the adapter; :meth:`get_base_model`,
+    :meth:`print_trainable_parameters` and :meth:`disable_adapter` work as in PEFT. After
+    :meth:`remove_hooks` the wrapper refuses to run.
 
     :meth:`forward` and :meth:`generate` take, besides the backbone's own arguments,
     ``instruction_mask (B, S)`` bool (True on instruction tokens), optionally ``slot_mask (B, S)``
     (exactly ``L`` True per row; default: the ``L`` positions right after each row's last instruction
-    token) and ``tenant_ids (B,)`` long (required when ``num_tenants > 1``).
+    token; :func:`iapt_kernels.insert_prompt_slots` and the collator return it, as the batch's record
+    of its layout) and ``tenant_ids (B,)`` long (required when ``num_tenants > 1``; see
+    :attr:`tenant_weights` for tenants that hold no trained or loaded weights).
 
     Tenant ``-1`` means no adapter. In :meth:`forward` such a row is the frozen backbone on the row
     exactly as given, slot tokens included (they keep their token embeddings). In :meth:`generate`
     such a row is the frozen backbone on its instruction alone, as if it had no slot tokens: its slot
     tokens are moved into its (masked) left padding, so its output is the base model's.
 
-    The layout is checked once per batch, before any layer runs: slots must lie inside the sequence,
-    on attended positions, off the instruction, and (with ``labels``) on positions without a label;
-    ``instruction_mask`` must not be True on padding; the sequence must fit the backbone's position
-    embeddings. Each failure is a ``ValueError`` that names the rows and the fix.
+    The layout is checked once per batch, before any layer runs: a ``slot_mask`` must hold ``L``
+    slots per row (a batch laid out for another ``num_tokens`` is refused, naming both counts); without
+    one, the ``L`` positions after the instruction must hold one token id and the next must not hold it
+    again (unless labelled or padding); slots must lie inside the sequence, on attended positions, off
+    the instruction, and (with ``labels``) on positions without a label; ``instruction_mask`` must not
+    be True on padding; the sequence must fit the backbone's position embeddings; ``generate`` needs
+    left-padded prompts. Each failure is a ``ValueError`` that names the rows and the fix.
 
     :meth:`save_pretrained` writes the adapter (as :func:`iapt_kernels.save_iapt`). ``state_dict()``
     holds the adapter only, the generators and their metadata (key ``_extra_state``), never the
@@ -519,7 +529,9 @@ class IAPTModel(nn.Module):
             save_iapt(self, save_directory, state_dict=state_dict)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path, tenant: int | None = None, **hub_kwargs) -> "IAPTModel":
+    def from_pretrained(
+        cls, model: nn.Module, path=None, tenant: int | None = None, **hub_kwargs
+    ) -> "IAPTModel":
         """Load an adapter into backbone ``model``: :func:`iapt_kernels.load_iapt`, as
         ``peft.PeftModel.from_pretrained(model, path)``.
 
@@ -530,7 +542,7 @@ class IAPTModel(nn.Module):
         """
         from .io import CONFIG_NAME, WEIGHTS_NAME, load_iapt
 
-        if isinstance(model, (str, os.PathLike)):
+        if isinstance(model, (str, os.PathLike)) or path is None:
             raise TypeError(
                 "IAPTModel.from_pretrained(model, path) takes the backbone first, then the adapter "
                 "directory; load the backbone with its own class (AutoModelForCausalLM.from_pretrained)"
@@ -768,7 +780,7 @@ class IAPTModel(nn.Module):
         # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
         groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
         if groups is not None:
-            self._check_tenant_weights(groups.seg_tenant.tolist())
+            self._check_tenant_weights(groups.seg_tenant)
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
 
     def _explain_slot_labels(self, input_ids, instruction_mask, labels, slot_index, at_slots, fix) -> str:
@@ -833,11 +845,15 @@ class IAPTModel(nn.Module):
             f"tokens; {fix}, {also}",
         )
 
-    def _check_tenant_weights(self, present: list[int]) -> None:
-        """Record the tenants a training call uses; refuse (or warn about) tenants without weights."""
-        if self.iapt_config.num_tenants == 1:
-            return
+    def _check_tenant_weights(self, present: torch.Tensor) -> None:
+        """Record the tenants a training call uses; refuse (or warn about) tenants without weights.
+
+        ``present``: the batch's tenants (``TenantGroups.seg_tenant``), read on the host only while
+        some tenant is still ``"initial"``, so a trained or loaded model pays no synchronisation."""
         status = self._tenant_weights
+        if "initial" not in status:
+            return
+        present = present.tolist()
         if torch.is_grad_enabled():  # a training call: tenants trained from scratch are legitimate
             for t in present:
                 if status[t] == "initial":
