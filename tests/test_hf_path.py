@@ -325,10 +325,13 @@ COMPILE_BACKEND = os.environ.get("IAPT_TEST_COMPILE_BACKEND", "aot_eager")
 
 
 @pytest.mark.parametrize("tenants", [1, pytest.param(3, marks=needs_mt)])
-def test_compile_fullgraph_forward_backward_equals_eager(tenants):
+@pytest.mark.parametrize("record", [True, False])  # with the batch's slot_mask, and checked by its tokens
+def test_compile_fullgraph_forward_backward_equals_eager(tenants, record):
     torch._dynamo.reset()
     w = wrap(tiny_model("llama"), num_tenants=tenants)
     b = batch("right")
+    if not record:
+        del b["slot_mask"]
     kw = {"tenant_ids": torch.tensor([0, 2, -1])} if tenants > 1 else {}
     res = []
     for net in (w, torch.compile(w, fullgraph=True, backend=COMPILE_BACKEND)):

@@ -156,6 +156,8 @@ def test_the_collator_takes_output_like_response_and_refuses_an_unknown_response
         collator([{"instruction": "a b", "answer": "b"}])
     with pytest.raises(ValueError, match="both 'response' and 'output'"):
         collator([{"instruction": "a b", "response": "b", "output": "c"}])
+    with pytest.raises(TypeError, match="a list of examples"):
+        collator({"instruction": "a b", "output": "b"})
     prompts = collator([{"instruction": "a b"}, {"instruction": "c"}])  # generation prompts, as before
     assert "labels" not in prompts
     # the training script reads the same JSONL
@@ -249,6 +251,15 @@ def test_peft_style_helpers_and_disable_adapter_is_the_bare_backbone(capsys):
     with w.disable_adapter():
         gen = w.generate(**prompt, **kw)
     assert torch.equal(gen, bare.generate(prompt["input_ids"], attention_mask=prompt["attention_mask"], **kw))
+
+
+def test_a_single_tenant_model_records_its_weights_too(tmp_path):
+    w = wrap(tiny_model("llama"))
+    assert w.tenant_weights == ("initial",)
+    w(**layout(L)).loss.backward()
+    assert w.tenant_weights == ("trained",)
+    w.save_pretrained(tmp_path / "a")
+    assert ik.load_iapt(tiny_model("llama"), tmp_path / "a").tenant_weights == ("loaded",)
 
 
 def test_a_wrapper_without_hooks_refuses_to_run():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -126,6 +126,11 @@ class IAPTDataCollator:
         )
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if isinstance(examples, Mapping) or not all(isinstance(ex, Mapping) for ex in examples):
+            raise TypeError(
+                "IAPTDataCollator takes a list of examples, each a mapping such as "
+                "{'instruction': ..., 'response': ...}; for one example pass [example]"
+            )
         pairs = [self._ids(ex, i) for i, ex in enumerate(examples)]
         has_resp = [r is not None for _, r in pairs]
         if any(has_resp) and not all(has_resp):

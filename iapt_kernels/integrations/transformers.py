@@ -781,6 +781,9 @@ class IAPTModel(nn.Module):
         groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
         if groups is not None:
             self._check_tenant_weights(groups.seg_tenant)
+        elif T == 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if self._tenant_weights[0] == "initial":
+                self._tenant_weights[0] = "trained"
         return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
 
     def _explain_slot_labels(self, input_ids, instruction_mask, labels, slot_index, at_slots, fix) -> str:
