@@ -1,4 +1,4 @@
-"""IAPT served by vLLM: one engine, many tenants' instruction-aware prompts (docs/design.md section 10).
+"""IAPT served by vLLM: one engine, many tenants' instruction-aware prompts (docs/design.md section 11).
 
 The ``vllm.general_plugins`` entry point :func:`register` adds, for each supported decoder family, an
 architecture ``IAPT<Family>ForCausalLM`` (``IAPTLlamaForCausalLM``, ``IAPTQwen2ForCausalLM``,
@@ -23,8 +23,8 @@ __all__ = ["IAPTPrompts", "engine_args", "register", "SUPPORTED_VLLM", "iapt_sta
 def iapt_stats(model):
     """Counters of the IAPT runtime inside a worker: ``LLM.apply_model(iapt_stats)`` returns one dict
     per worker with ``steps`` (forward passes seen), ``generator_steps`` (passes that ran the
-    generators, i.e. held a request's first prefill step) and ``prefill_rows`` (tenant requests whose
-    prompts were computed)."""
+    generators, i.e. held a request's first prefill step), ``prefill_rows`` (tenant requests whose
+    prompts were computed), ``generator_calls`` (layer generator launches) and ``num_layers``."""
     runtime = getattr(model, "iapt_runtime", None)
     if runtime is None:
         raise TypeError(f"{type(model).__name__} is not an IAPT model")

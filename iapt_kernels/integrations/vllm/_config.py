@@ -15,12 +15,11 @@ from ..transformers import IAPTConfig
 
 # Keys of SamplingParams.extra_args (over HTTP: vllm_xargs) and of the model config.
 TENANT_KEY = "iapt_tenant"
-LENGTH_KEY = "iapt_instruction_len"
 CONFIG_KEY = "iapt"
 
-# Tenant names of the IAPT engine configured last in this process: the frontend's per-request
-# validation (a classmethod vLLM calls with the sampling parameters only) reads them.
-_FRONTEND_TENANTS: tuple[str, ...] | None = None
+# Tenant names and prompt layout of the IAPT engine configured last in this process: the frontend's
+# per-request checks (which vLLM calls with the request alone) read them.
+_FRONTEND: tuple[tuple[str, ...], "Layout"] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def stacked_generators(
     return gens
 
 
-# The engine arguments IAPT needs, with the reason each one matters (docs/design.md section 10).
+# The engine arguments IAPT needs, with the reason each one matters (docs/design.md section 11).
 REQUIRED_ARGS = (
     (
         "enforce_eager=True (--enforce-eager)",
@@ -227,35 +226,87 @@ def check_engine(vllm_config) -> None:
         )
 
 
-def set_frontend_tenants(names) -> None:
-    global _FRONTEND_TENANTS
-    _FRONTEND_TENANTS = tuple(names)
+@dataclass(frozen=True)
+class Layout:
+    """The deployment's prompt layout ``[instruction][L slots][response prefix]``."""
+
+    num_tokens: int
+    slot_token_id: int
+    response_prefix_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, section: dict[str, Any], cfg: IAPTConfig, hf_config) -> "Layout":
+        slot = section.get("slot_token_id")
+        if slot is None:
+            pad = getattr(hf_config, "pad_token_id", None)
+            slot = pad if isinstance(pad, int) else 0
+        return cls(cfg.num_tokens, int(slot), tuple(int(t) for t in section.get("response_prefix_ids") or ()))
+
+    def build(self, ids: list[int]) -> list[int]:
+        """The layout of a tenant request from its prompt ids: kept when it already ends with the
+        slots and the response prefix; otherwise the slots go before a trailing response prefix (a chat
+        template's assistant header), or the slots and the prefix after the instruction."""
+        L, pre = self.num_tokens, list(self.response_prefix_ids)
+        tail = [self.slot_token_id] * L + pre
+        if len(ids) >= len(tail) and ids[len(ids) - len(tail) :] == tail:
+            out = list(ids)
+        elif pre and ids[len(ids) - len(pre) :] == pre:
+            out = ids[: len(ids) - len(pre)] + tail
+        else:
+            out = list(ids) + tail
+        if len(out) - len(tail) < 1:
+            raise ValueError("the instruction is empty: IAPT's prompts are computed from at least one token")
+        return out
+
+    def instruction_length(self, ids) -> int:
+        """``n`` of a prompt laid out by :meth:`build` (checked: the slots are where they must be)."""
+        L, P = self.num_tokens, len(self.response_prefix_ids)
+        n = len(ids) - L - P
+        if n < 1 or any(t != self.slot_token_id for t in ids[n : n + L]):
+            raise RuntimeError(
+                f"IAPT: a tenant request reached the model without its {L} slot tokens before the "
+                f"{P}-token response prefix; requests must enter through the engine's frontend"
+            )
+        return n
 
 
-def parse_request(extra_args, tenants) -> tuple[int, int] | None:
-    """``(tenant_id, instruction_length)`` of a request's ``extra_args``, or ``None`` (no adapter).
+def set_frontend(tenants, layout: Layout) -> None:
+    global _FRONTEND
+    _FRONTEND = (tuple(tenants), layout)
+
+
+def parse_tenant(extra_args, tenants) -> int | None:
+    """The tenant id a request's ``extra_args`` names, or ``None`` (no adapter).
 
     ``tenants``: the served names in order, or ``None`` where this process serves no IAPT engine.
     Raises ``ValueError`` naming the problem: vLLM turns it into an HTTP 400 for that request alone.
     """
-    if not extra_args or TENANT_KEY not in extra_args or extra_args[TENANT_KEY] is None:
-        if extra_args and extra_args.get(LENGTH_KEY) is not None:
-            raise ValueError(f"extra_args gives {LENGTH_KEY!r} without {TENANT_KEY!r}")
+    if not extra_args or extra_args.get(TENANT_KEY) is None:
         return None
     name = extra_args[TENANT_KEY]
     if tenants is None:
         raise ValueError(f"{TENANT_KEY}={name!r}, but this engine serves no IAPT adapters")
     if not isinstance(name, str) or name not in tenants:
         raise ValueError(f"unknown IAPT tenant {name!r}; this engine serves {list(tenants)}")
-    n = extra_args.get(LENGTH_KEY)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(
-            f"{LENGTH_KEY} must be the instruction's token count (an int >= 1), got {n!r}; build requests "
-            "with iapt_kernels.integrations.vllm.IAPTPrompts"
-        )
-    return tenants.index(name), n
+    return tenants.index(name)
 
 
 def validate(extra_args) -> None:
-    """The frontend check of one request (unknown tenant, bad instruction length)."""
-    parse_request(extra_args, _FRONTEND_TENANTS)
+    """The frontend check of one request's tenant."""
+    parse_tenant(extra_args, None if _FRONTEND is None else _FRONTEND[0])
+
+
+def prepare(engine_input, params) -> None:
+    """In the frontend, after tokenization and before the length check: lay a tenant request's prompt
+    out as ``[instruction][L slots][response prefix]`` (docs/design.md section 11)."""
+    extra = getattr(params, "extra_args", None)
+    if _FRONTEND is None or parse_tenant(extra, _FRONTEND[0]) is None:
+        return
+    if not isinstance(engine_input, dict) or engine_input.get("type") not in ("token", None):
+        raise ValueError(
+            "IAPT tenant requests take a text or token-id prompt (no embeddings or multimodal input)"
+        )
+    ids = engine_input.get("prompt_token_ids")
+    if ids is None:
+        raise ValueError("IAPT tenant requests need a prompt")
+    engine_input["prompt_token_ids"] = _FRONTEND[1].build(list(ids))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from ._config import CONFIG_KEY, LENGTH_KEY, TENANT_KEY
+from ._config import CONFIG_KEY, TENANT_KEY
 
 
 def engine_args(
     model: str | os.PathLike,
     adapters: Mapping,
     *,
+    slot_token_id: int | None = None,
+    response_prefix_ids=(),
     architecture: str | None = None,
     backend: str = "auto",
     **overrides,
@@ -23,6 +25,10 @@ def engine_args(
         adapters: ``{tenant name: adapter directory}`` for adapters saved by :func:`iapt_kernels.save_iapt`
             (single-tenant), or ``{name: [directory, t]}`` for tenant ``t`` of a multi-tenant adapter.
             Tenant ids follow this order. Every adapter is checked against the model when the engine starts.
+        slot_token_id: the id the frontend writes at slot positions (its embedding is replaced at every
+            layer, so any valid id works); default the model's ``pad_token_id``, else 0.
+        response_prefix_ids: the real tokens the adapters were trained with after the slots
+            (:func:`iapt_kernels.insert_prompt_slots`), e.g. a chat template's assistant header.
         architecture: the served architecture, default ``IAPT`` + the model's own (read from its
             ``config.json``; ``LlamaForCausalLM`` becomes ``IAPTLlamaForCausalLM``).
         backend: the generators' kernel backend (``"auto"``: ``"cpp"`` on CPU, ``"triton"`` on CUDA).
@@ -33,7 +39,12 @@ def engine_args(
     model = os.fspath(model)
     if architecture is None:
         architecture = "IAPT" + _base_architecture(model)
-    section = {"adapters": {str(k): _adapter_spec(v) for k, v in adapters.items()}, "backend": backend}
+    section = {
+        "adapters": {str(k): _adapter_spec(v) for k, v in adapters.items()},
+        "backend": backend,
+        "slot_token_id": None if slot_token_id is None else int(slot_token_id),
+        "response_prefix_ids": [int(t) for t in response_prefix_ids],
+    }
     hf_overrides = dict(overrides.pop("hf_overrides", None) or {})
     hf_overrides.update({"architectures": [architecture], CONFIG_KEY: section})
     args = dict(
@@ -107,11 +118,11 @@ class IAPTPrompts:
         slots = [self.slot_token_id] * self.num_tokens if tenant is not None else []
         return ids + slots + self.response_prefix_ids, len(ids)
 
-    def extra_args(self, tenant: str | None, instruction_length: int) -> dict:
+    def extra_args(self, tenant: str | None) -> dict:
         """The ``SamplingParams.extra_args`` (HTTP: ``vllm_xargs``) naming the tenant, or ``{}``."""
         if tenant is None:
             return {}
-        return {TENANT_KEY: tenant, LENGTH_KEY: instruction_length}
+        return {TENANT_KEY: tenant}
 
     def request(self, instruction, tenant: str | None = None, params=None):
         """``(TokensPrompt, SamplingParams)``: ``params`` (default greedy ``SamplingParams()``) copied,
@@ -119,11 +130,10 @@ class IAPTPrompts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids, n = self.token_ids(instruction, tenant)
+        ids, _ = self.token_ids(instruction, tenant)
         params = SamplingParams() if params is None else params.clone()
         extra = dict(params.extra_args or {})
         extra.pop(TENANT_KEY, None)
-        extra.pop(LENGTH_KEY, None)
-        extra.update(self.extra_args(tenant, n))
+        extra.update(self.extra_args(tenant))
         params.extra_args = extra or None
         return TokensPrompt(prompt_token_ids=ids), params

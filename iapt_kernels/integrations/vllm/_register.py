@@ -45,11 +45,33 @@ def _hook_class(base):
             _config.check_engine(vllm_config)
             mc = vllm_config.model_config
             section = _config.deployment(mc.hf_config)
-            tenants, _, _ = _config.read_adapters(section, mc.hf_config)
-            _config.set_frontend_tenants(a.name for a in tenants)
+            tenants, cfg, _ = _config.read_adapters(section, mc.hf_config)
+            _config.set_frontend((a.name for a in tenants), _config.Layout.of(section, cfg, mc.hf_config))
+            _install_frontend_layout()
             path = "iapt_kernels.integrations.vllm._runtime:IAPTRequestTracker"
             procs = list(mc.logits_processors or [])
             if path not in procs:
                 mc.logits_processors = procs + [path]
 
     return IAPTEngineHook
+
+
+def _install_frontend_layout() -> None:
+    """Route every request through :func:`_config.prepare` after tokenization: vLLM's per-platform
+    request check (``Platform.validate_request``) is the one frontend hook that sees both the
+    tokenized prompt and the sampling parameters, before the prompt-length check. Idempotent."""
+    from vllm.platforms import current_platform
+
+    from . import _config
+
+    cls = type(current_platform)
+    if getattr(cls.validate_request, "_iapt", False):
+        return
+    original = cls.validate_request
+
+    def validate_request(klass, processed_inputs, params):
+        _config.prepare(processed_inputs, params)
+        return original(processed_inputs, params)
+
+    validate_request._iapt = True
+    cls.validate_request = classmethod(validate_request)

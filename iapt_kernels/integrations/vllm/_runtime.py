@@ -20,7 +20,8 @@ _TRACKER: IAPTRequestTracker | None = None
 
 class IAPTRequestTracker(LogitsProcessor):
     """Keeps, for every row of the model runner's persistent batch, the row's ``(tenant_id,
-    instruction_length)`` from its ``SamplingParams.extra_args`` (``None``: no adapter).
+    instruction_length)``: the tenant its ``SamplingParams.extra_args`` names, the length from its
+    prompt, which the frontend laid out (rows without a tenant are absent: no adapter).
 
     It changes no logits (argmax invariant). vLLM calls :meth:`update_state` after it has added,
     removed, condensed and reordered the batch for the step and before the step's forward, and the
@@ -32,14 +33,13 @@ class IAPTRequestTracker(LogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory) -> None:
         global _TRACKER
-        section = getattr(vllm_config.model_config.hf_config, _config.CONFIG_KEY, None)
-        self.tenants = (
-            None
-            if section is None
-            else tuple(
-                a.name for a in _config.adapters(_config.deployment(vllm_config.model_config.hf_config))
-            )
-        )
+        hf = vllm_config.model_config.hf_config
+        self.tenants, self.layout = None, None
+        if getattr(hf, _config.CONFIG_KEY, None) is not None:
+            section = _config.deployment(hf)
+            tenants, cfg, _ = _config.read_adapters(section, hf)
+            self.tenants = tuple(a.name for a in tenants)
+            self.layout = _config.Layout.of(section, cfg, hf)
         self.rows: dict[int, tuple[int, int]] = {}
         _TRACKER = self
 
@@ -59,12 +59,12 @@ class IAPTRequestTracker(LogitsProcessor):
         rows = self.rows
         for i in batch_update.removed:
             rows.pop(i, None)
-        for i, params, _prompt, _out in batch_update.added:
-            info = _config.parse_request(params.extra_args, self.tenants)
-            if info is None:
+        for i, params, prompt, _out in batch_update.added:
+            tenant = _config.parse_tenant(params.extra_args, self.tenants)
+            if tenant is None:
                 rows.pop(i, None)
             else:
-                rows[i] = info
+                rows[i] = (tenant, self.layout.instruction_length(prompt))
         for a, b, direction in batch_update.moved:
             ra, rb = rows.pop(a, None), rows.pop(b, None)
             if ra is not None:
@@ -84,7 +84,7 @@ class _Plan:
 
 
 class IAPTRuntime:
-    """The generators of one served model and the hooks that apply them (docs/design.md section 10)."""
+    """The generators of one served model and the hooks that apply them (docs/design.md section 11)."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, vllm_config) -> None:
         _config.check_engine(vllm_config)
@@ -103,7 +103,13 @@ class IAPTRuntime:
         self.layers = layers
         self.generators: list[nn.Module] = []  # loaded with the weights (load_adapters)
         self.plan: _Plan | None = None
-        self.stats = {"steps": 0, "generator_steps": 0, "prefill_rows": 0}
+        self.stats = {
+            "steps": 0,
+            "generator_steps": 0,
+            "prefill_rows": 0,
+            "generator_calls": 0,
+            "num_layers": len(layers),
+        }
         # Hooks on the layers only: vLLM's compile decorator replaces the backbone's __call__, which
         # would bypass a hook on the backbone itself. The first layer's hook plans the step.
         for i, layer in enumerate(layers):
@@ -185,6 +191,7 @@ class IAPTRuntime:
             p0 = gen.down.weight
             x = stream.index_select(0, plan.instr).to(p0.dtype)
             prompts = gen(x, None, cu_seqlens=plan.cu, groups=plan.groups)  # (B_p, L, d)
+            self.stats["generator_calls"] += 1
             values = prompts.reshape(-1, prompts.shape[-1]).to(hidden.dtype)
             hidden = hidden.index_copy(0, plan.slots, values)
             if residual is not None:
