@@ -116,6 +116,13 @@ class IAPTRuntime:
             layer.register_forward_pre_hook(self._layer_hook(i))
 
     def load_adapters(self, device, dtype) -> None:
+        if _TRACKER is None or _TRACKER.tenants is None:
+            # The model runner builds its logits processors before it loads the model: without the
+            # tracker no request would ever get its prompts, silently.
+            raise RuntimeError(
+                "IAPT: the request tracker (logits processor) is not loaded in this worker; start the "
+                "engine through vLLM's configuration (engine_args), whose IAPT hook adds it"
+            )
         gens = _config.stacked_generators(
             self.tenants, self.cfg, self.hidden_size, len(self.layers), self.backend
         )
@@ -139,14 +146,15 @@ class IAPTRuntime:
             return  # every request decodes one token: the prompts are in the KV cache already
         qsl = m.query_start_loc.tolist()
         pos = positions.reshape(-1) if positions.dim() == 1 else positions[0]  # mrope: (3, N)
-        starts = [qsl[r] for r in range(len(qsl) - 1)]
-        first = pos[torch.tensor(starts, device=pos.device)].tolist() if starts else []
+        # Tracked rows with tokens in this step (query_start_loc may be padded past the requests).
+        rows = [(r, t) for r, t in sorted(_TRACKER.rows.items()) if r + 1 < len(qsl) and qsl[r + 1] > qsl[r]]
+        if not rows:
+            return
+        first = pos[torch.tensor([qsl[r] for r, _ in rows], device=pos.device)].tolist()
         L = self.num_tokens
         instr, cu, tids, slots = [], [0], [], []
-        for r, (tenant, n) in sorted(_TRACKER.rows.items()):
-            if r >= len(starts):
-                continue  # a row without tokens in this step
-            s, q, p0 = qsl[r], qsl[r + 1] - qsl[r], first[r]
+        for (r, (tenant, n)), p0 in zip(rows, first):
+            s, q = qsl[r], qsl[r + 1] - qsl[r]
             if p0 >= n + L:
                 continue  # past its slots: a decode step for this request
             if p0 != 0 or q < n + L:
