@@ -2,6 +2,7 @@
 frontend builds, tenant parsing, the adapter checks and the engine-argument refusals."""
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -178,3 +179,17 @@ def test_launcher_flags(tmp_path):
     import json
 
     assert json.loads(argv[argv.index("--hf-overrides") + 1]) == args["hf_overrides"]
+
+
+def test_untrained_tenant_is_named(tmp_path):
+    """A slot that save_iapt recorded as untrained is served with a warning naming it (issue 24's
+    record reaches the engine); a trained one loads silently."""
+    w, hf = _tiny(tmp_path)
+    with pytest.warns(UserWarning, match=r"tenant 'x'.*initial random weights"):
+        C.read_adapters({"adapters": {"x": [str(tmp_path / "mt"), 1]}}, hf)
+    b = ik.insert_prompt_slots([[3, 4, 5], [6, 7]], num_tokens=2, pad_token_id=0, padding_side="left")
+    w(**b, tenant_ids=torch.tensor([0, 1])).logits.sum().backward()  # a call with gradients: trained
+    ik.save_iapt(w, tmp_path / "trained")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.read_adapters({"adapters": {"x": [str(tmp_path / "trained"), 1]}}, hf)

@@ -6,12 +6,13 @@ Plain Python and PyTorch: nothing here imports vLLM, so the checks are testable 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ...modules import MultiTenantPromptGenerator, PromptGenerator
 from ..io import CONFIG_NAME, WEIGHTS_NAME, _layer_states, _open_safetensors, _set_tenant, read_iapt_config
-from ..transformers import IAPTConfig
+from ..transformers import UNTRAINED_KEY, IAPTConfig
 
 # Keys of SamplingParams.extra_args (over HTTP: vllm_xargs) and of the model config.
 TENANT_KEY = "iapt_tenant"
@@ -104,6 +105,15 @@ def read_adapters(section: dict[str, Any], hf_config) -> tuple[list[Adapter], IA
             t = 0
         elif t >= T:
             raise ValueError(f"{where} (tenant {a.name!r}): tenant slot {t} out of range [0, {T})")
+        if t in meta.get(UNTRAINED_KEY, []):
+            # save_iapt recorded this slot as holding its initial random weights: served, it writes
+            # arbitrary prompts. Said, not refused: a benchmark or a smoke test serves such adapters.
+            warnings.warn(
+                f"{where} (tenant {a.name!r}): slot {t} was saved with its initial random weights "
+                f"(neither trained nor loaded: {UNTRAINED_KEY!r}); its requests get arbitrary prompts",
+                UserWarning,
+                stacklevel=2,
+            )
         if cfg0 is None:
             cfg0 = cfg
         else:
