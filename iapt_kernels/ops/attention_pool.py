@@ -175,7 +175,13 @@ def _chunk(S, L, CHUNK, cu_ptr, order_ptr, wsel_ptr, PACKED: tl.constexpr, HAS_O
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
-    """`acc + a b` on the tensor cores (or exact fp32/fp64 FMAs for "ieee")."""
+    """`acc + a b` on the tensor cores (or exact fp32 FMAs for "ieee"). fp64 (chosen at trace time by
+    the dtype) is a broadcast product summed over K instead: not every supported Triton lowers an fp64
+    `tl.dot` (3.6 asserts on an fp64 accumulator, and without that its sm_80 backend rejects the K of
+    these tiles), and this sum has one fixed order on every version, so fp64 results stay bitwise
+    reproducible and the same on each."""
+    if acc.dtype == tl.float64:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
