@@ -25,3 +25,6 @@ versions
 ruff check .
 ruff format --check .
 python -m pytest
+
+leg "GPU-image leg: Python 3.12, torch 2.11, Triton 3.6, transformers 5.17 in .venv-gpu-image/ (scripts/test_gpu_image.sh)"
+bash scripts/test_gpu_image.sh

@@ -180,9 +180,11 @@ def _mm(a, b, acc, PRECISION: tl.constexpr):
     `tl.dot` (3.6 asserts on an fp64 accumulator, and without that its sm_80 backend rejects the K of
     these tiles), and this sum has one fixed order on every version, so fp64 results stay bitwise
     reproducible and the same on each."""
-    if acc.dtype == tl.float64:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if acc.dtype == tl.float64:  # one branch only: Triton 3.6 still compiles what follows a static `return`
+        out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
