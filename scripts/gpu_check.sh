@@ -2,18 +2,23 @@
 # One command that says where iapt_kernels stands on this machine's GPU (about 6 minutes on one
 # H100/H200, no network):
 #   1. installs the package into the machine's torch (no dependencies, no build isolation; the C++
-#      extension is skipped: it serves CPU tensors, and its serial compile would eat the budget);
-#   2. runs the CUDA subset of the tests (`-m "gpu and not slow"`);
+#      extension is skipped: it serves CPU tensors, and its serial compile would eat the budget). A
+#      failed install stops the check here with its reason (missing setuptools/wheel are named before
+#      pip runs); nothing runs from a source tree the environment does not import;
+#   2. runs the CUDA subset of the tests (`-m "gpu and not slow"`, at most 240 s; sized with
+#      scripts/gpu_subset_size.py, see the README);
 #   3-5. scripts/gpu_check.py: times every op (do_bench, fused vs eager and torch.compile reference,
 #      fraction of the measured copy bandwidth), trains IAPT 30 steps fused vs reference in fp32 and
-#      bf16, checks multi-tenant generate and tenant -1;
+#      bf16, checks multi-tenant generate and tenant -1, all with backend "triton";
 #   6. writes OUT/{results.json,report.md,log.txt,pytest.txt} and exits non-zero naming what failed.
+#      The report gives the versions it ran on, each step's seconds, and the backend every step's
+#      fused calls resolved to.
 #
 #   scripts/gpu_check.sh [--out DIR] [--smoke]
 #
-# --smoke: CPU only, the Triton interpreter, tiny shapes, every step exercised (CI runs it so this
-# script cannot rot); step 1 then checks that the package imports from this tree instead of
-# reinstalling it (the README's install has just built it).
+# --smoke: CPU only, the Triton interpreter, tiny shapes, every step exercised with backend "triton"
+# (CI runs it so this script cannot rot); step 1 then checks that the package imports from this tree
+# instead of reinstalling it (the test command's install has just done that).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-check-out
@@ -22,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift

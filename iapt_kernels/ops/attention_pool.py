@@ -52,9 +52,11 @@ The loops over `d` are `tl.range(..., num_stages=NUM_STAGES)` around `tl.dot`, w
 pipelines (cp.async, `LDGSTS`, on sm_80 and sm_90: see the static report); L is padded to 16 for the
 tensor-core shapes. The two kernels that stream H are tuned over a small set (`stream_configs`: one
 more pipeline stage at L <= 16, 8 warps above) with tiles and chunks fixed, timed once per shape on CUDA
-(`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
-rows are converted to fp32 and multiplied at "tf32x3" (a bf16 or fp16 value is exact in TF32, the
-fp32 weights are split in two), so every input dtype keeps fp32 accumulation. No atomics: every
+(`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 products run at `input_precision="ieee"`
+(exact fp32, no TF32 rounding); fp16/bf16 rows are converted to fp32 and multiplied at "tf32x3" (a bf16
+or fp16 value is exact in TF32, the fp32 weights are split in two), so every input dtype keeps fp32
+accumulation. fp64 rows use no `tl.dot` (not every supported Triton lowers it): `_mm` sums a broadcast
+product over K in fp64. No atomics: every
 reduction has a fixed order and results are bitwise reproducible. Masked positions are never loaded,
 so NaN or Inf there cannot leak. Both layouts run the same kernels: padded `(B, S, d)` with a bool
 mask, or packed `(N, d)` with `cu_seqlens`; the multi-tenant generator runs them with `requests`
@@ -477,8 +479,9 @@ def _fastest(launch, configs):
 
 
 def precision(dtype: torch.dtype) -> str:
-    """`tl.dot` precision for rows of `dtype`: exact fp32/fp64 products ("ieee") for fp32/fp64; for
-    fp16/bf16 rows, exact in TF32, "tf32x3" (the fp32 operand split in two) on the tensor cores."""
+    """`tl.dot` precision for rows of `dtype`: exact fp32 products ("ieee") for fp32 (fp64 rows use no
+    `tl.dot`, see `_mm`); for fp16/bf16 rows, exact in TF32, "tf32x3" (the fp32 operand split in two)
+    on the tensor cores."""
     return "tf32x3" if dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
