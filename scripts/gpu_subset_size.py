@@ -33,9 +33,9 @@ def _twin(nodeid: str) -> str:
     return head + "[" + "-".join("cpu" if p == "cuda" else p for p in parts) + "]"
 
 
-def _collect() -> list[str]:
+def _collect(*marker) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests", "--collect-only", "-q", "-m", "gpu and not slow"],
+        [sys.executable, "-m", "pytest", "tests", "--collect-only", "-q", *marker],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -105,9 +105,10 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    cuda = _collect()
-    twins = sorted({_twin(n) for n in cuda})
-    no_twin = [n for n in cuda if _twin(n) == n or "cuda" in n.split("[")[0]]
+    cuda = _collect("-m", "gpu and not slow")
+    everything = set(_collect())
+    twins = sorted({_twin(n) for n in cuda} & everything - set(cuda))
+    no_twin = [n for n in cuda if _twin(n) not in twins]
     import pytest
 
     rec = Recorder()
@@ -122,7 +123,9 @@ def main(argv=None) -> int:
         f[2] += rec.kernel_s[nodeid]
         f[3] += rec.launches[nodeid]
         all_keys |= rec.keys[nodeid]
-    print(f"\n{len(cuda)} CUDA tests, {len(rec.wall)} CPU twins run, {len(no_twin)} without a twin")
+    print(f"\n{len(cuda)} CUDA tests, {len(rec.wall)} CPU twins run, {len(no_twin)} without a twin:")
+    for n in no_twin:
+        print("  ", n)
     print(f"{'file':45s} {'tests':>5s} {'wall s':>8s} {'kernel s':>8s} {'launches':>8s}")
     for name, (n, wall, ks, launches) in sorted(per_file.items()):
         print(f"{name:45s} {n:5d} {wall:8.1f} {ks:8.1f} {launches:8d}")
@@ -134,6 +137,18 @@ def main(argv=None) -> int:
         f"distinct JIT specialisations (cold compiles): {len(all_keys)}; launches {launches}; "
         f"interpreter wall {wall:.0f} s of which host (outside kernels) {host:.0f} s"
     )
+    # Which test functions bring the cold compiles: each key counted for the first test (in run order)
+    # that launches it, so the sum over functions is the total.
+    seen, first = set(), defaultdict(lambda: [0, 0])
+    for nodeid in rec.wall:
+        fn = nodeid.split("[")[0]
+        new = rec.keys[nodeid] - seen
+        seen |= new
+        first[fn][0] += 1
+        first[fn][1] += len(new)
+    print(f"\n{'test function':80s} {'tests':>5s} {'new compiles':>12s}")
+    for fn, (n, k) in sorted(first.items(), key=lambda kv: -kv[1][1]):
+        print(f"{fn:80s} {n:5d} {k:12d}")
     est = compile_s + launches * args.launch_ms / 1e3 + host
     print(
         f"estimate on a GPU: {compile_s:.0f} s compiling + {launches * args.launch_ms / 1e3:.1f} s launching "
