@@ -1,7 +1,7 @@
 """Where the package stands on this machine's GPU, in one run: the timing, training and serving steps
 of `scripts/gpu_check.sh` (which installs the package and runs the CUDA tests first).
 
-    python scripts/gpu_check.py --out DIR [--smoke] [--budget-s 100] [--tests-rc N --tests-log F]
+    python scripts/gpu_check.py --out DIR [--smoke] [--budget-s 60] [--tests-rc N --tests-log F]
 
 Steps (each a named check; the run fails if any check fails, and says which):
 
@@ -50,7 +50,7 @@ def _parse(argv):
     p.add_argument(
         "--budget-s",
         type=float,
-        default=100.0,  # tests about 170 s (estimated, README), this and the rest: inside 6 minutes
+        default=60.0,  # tests about 170 s (estimated, README), this and the rest: inside 6 minutes
         help="seconds for the timing step; baselines left when it runs out are reported skipped",
     )
     p.add_argument(
