@@ -22,7 +22,8 @@ stamp() { echo "[gpu-image leg $(( $(date +%s) - t0 )) s] $*"; }
 # Python 3.12, as on the image: on PATH, or a pyenv install (pyenv's shim exists but fails when 3.12
 # is not its selected version, so each candidate is run, not just found).
 py=""
-for c in "${IAPT_GPU_IMAGE_PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12; do
+for c in "${IAPT_GPU_IMAGE_PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.12*/bin/python3.12 \
+         "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
   if [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then py="$c"; break; fi
 done
 if [ -z "$py" ]; then
