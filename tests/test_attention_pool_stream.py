@@ -275,7 +275,9 @@ class LoadCounter:
         self._load, self._call = itp.InterpreterBuilder.create_masked_load, itp.GridExecutor.__call__
         counter = self
 
-        def load(builder, ptrs, mask, other, cache_policy, is_volatile):
+        # The arguments after `mask` differ between Triton versions (3.6 has cache_modifier and
+        # eviction_policy, 3.9 cache_policy): passed through untouched.
+        def load(builder, ptrs, mask, *rest, **kwargs):
             addr = np.asarray(ptrs.data).reshape(-1)
             keep = np.asarray(mask.data).reshape(-1).astype(bool)
             addr = addr[keep]
@@ -283,7 +285,7 @@ class LoadCounter:
             if addr.size:
                 pid = tuple(int(i) for i in itp.interpreter_builder.grid_idx)
                 counter.log.append((counter.launch, pid, np.unique((addr - counter.lo) // counter.esize)))
-            return counter._load(builder, ptrs, mask, other, cache_policy, is_volatile)
+            return counter._load(builder, ptrs, mask, *rest, **kwargs)
 
         def call(executor, *args, **kwargs):
             counter.launch += 1

@@ -4,6 +4,7 @@ logic: any failed check makes the run fail and is named in the log and the repor
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,21 @@ def test_smoke_run_passes_every_step_and_writes_at_most_eight_files(tmp_path):
         "multi_tenant_generator",
     }
     assert all(r["fused"] == "triton" and r["fraction_of_copy_bandwidth"] > 0 for r in timing)
+    # Every figure that stands for a GPU figure came from the Triton kernels (here the interpreter).
+    assert all(set(r["backends"]["triton"]) == {"triton"} for r in timing)
+    checks = results["checks"]
+    for name in ("train-fp32", "train-bf16", "generate"):
+        assert set(checks[name]["backends"]) == {"triton"} and checks[name]["backends"]["triton"] > 0, name
+    for name in ("train-fp32", "train-bf16"):
+        assert set(checks[name]["reference_backends"]) == {"reference"}, name
+    assert all(isinstance(c["seconds"], (int, float)) for c in checks.values())
+    env = results["environment"]
+    assert {"python", "torch", "triton", "transformers", "numpy", "device"} <= set(env)
     assert any("compiled" in r["ms"] for r in timing)  # the torch.compile baseline is exercised too
     assert len(results["checks"]["train-fp32"]["losses_fused"]) == 3
     report = (out / "report.md").read_text()
-    assert "smoke" in report and "| generate | pass |" in report
+    assert "smoke" in report and re.search(r"\| generate \| pass \| [0-9.]+ \| triton x[0-9]+ \|", report)
+    assert f"numpy {env['numpy']}" in report and f"triton {env['triton']}" in report
     assert "skipped" in (out / "pytest.txt").read_text()  # the CUDA cases: collected, skipped here
 
 
@@ -103,3 +115,50 @@ def test_gpu_check_refuses_to_run_without_cuda_unless_smoke(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "--smoke" in proc.stderr
+
+
+def _fake_tools(tmp_path, setuptools_version=None):
+    """A PATH whose `pip` only records that it ran and fails as a broken build does, and (with
+    `setuptools_version`) a PYTHONPATH whose setuptools is that version and whose `wheel` is missing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pip = bin_dir / "pip"
+    pip.write_text(
+        f"#!/bin/sh\ntouch {tmp_path}/pip-ran\necho \"error: invalid command 'bdist_wheel'\"\nexit 1\n"
+    )
+    pip.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    if setuptools_version:
+        fake = tmp_path / "site"
+        (fake / "setuptools").mkdir(parents=True)
+        (fake / "setuptools" / "__init__.py").write_text(f"__version__ = {setuptools_version!r}\n")
+        (fake / "wheel").mkdir()
+        (fake / "wheel" / "__init__.py").write_text("raise ImportError('no wheel')\n")
+        env["PYTHONPATH"] = str(fake)
+    return env
+
+
+@pytest.mark.parametrize("case", ["pip_fails", "old_setuptools_without_wheel"])
+def test_a_failed_install_stops_the_check_with_its_reason(tmp_path, case):
+    out = tmp_path / "out"
+    env = _fake_tools(tmp_path, "69.5.1" if case == "old_setuptools_without_wheel" else None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    if case == "pip_fails":
+        assert (tmp_path / "pip-ran").exists()
+        assert "FAILED: install: pip exit status 1" in proc.stdout and "bdist_wheel" in proc.stdout
+    else:  # named before pip runs
+        assert not (tmp_path / "pip-ran").exists()
+        assert "setuptools 69.5.1 without the wheel package" in proc.stdout
+        assert "FAILED: install: the build tools are missing" in proc.stdout
+    # It stopped there: no tests, no timing, and the report says where.
+    assert not (out / "pytest.txt").exists() and not (out / "results.json").exists()
+    assert "FAILED at install" in (out / "report.md").read_text()

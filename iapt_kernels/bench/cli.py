@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             f"{load1:.1f} at the end, on {cores} cores (this run's own threads included). "
             "Timings, above all the short ones, are noisy."
         )
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = ("iapt-bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     result = {
         "machine": machine_description(args.device),
@@ -276,7 +276,7 @@ def _tenant_sweep(args, written) -> int:
     finally:
         if bar is not None:
             bar.close()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"{machine_description(args.device)}, {stamp}; 1-minute load average {load0} at the start, "
         f"{_load()} at the end, on {os.cpu_count()} cores"

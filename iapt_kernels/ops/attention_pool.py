@@ -52,9 +52,11 @@ The loops over `d` are `tl.range(..., num_stages=NUM_STAGES)` around `tl.dot`, w
 pipelines (cp.async, `LDGSTS`, on sm_80 and sm_90: see the static report); L is padded to 16 for the
 tensor-core shapes. The two kernels that stream H are tuned over a small set (`stream_configs`: one
 more pipeline stage at L <= 16, 8 warps above) with tiles and chunks fixed, timed once per shape on CUDA
-(`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 and fp64 products run at `input_precision="ieee"` (exact fp32, no TF32 rounding); fp16/bf16
-rows are converted to fp32 and multiplied at "tf32x3" (a bf16 or fp16 value is exact in TF32, the
-fp32 weights are split in two), so every input dtype keeps fp32 accumulation. No atomics: every
+(`_launch_stream`); `IAPT_AUTOTUNE=0` pins the default. fp32 products run at `input_precision="ieee"`
+(exact fp32, no TF32 rounding); fp16/bf16 rows are converted to fp32 and multiplied at "tf32x3" (a bf16
+or fp16 value is exact in TF32, the fp32 weights are split in two), so every input dtype keeps fp32
+accumulation. fp64 rows use no `tl.dot` (not every supported Triton lowers it): `_mm` sums a broadcast
+product over K in fp64. No atomics: every
 reduction has a fixed order and results are bitwise reproducible. Masked positions are never loaded,
 so NaN or Inf there cannot leak. Both layouts run the same kernels: padded `(B, S, d)` with a bool
 mask, or packed `(N, d)` with `cu_seqlens`; the multi-tenant generator runs them with `requests`
@@ -175,8 +177,16 @@ def _chunk(S, L, CHUNK, cu_ptr, order_ptr, wsel_ptr, PACKED: tl.constexpr, HAS_O
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
-    """`acc + a b` on the tensor cores (or exact fp32/fp64 FMAs for "ieee")."""
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    """`acc + a b` on the tensor cores (or exact fp32 FMAs for "ieee"). fp64 (chosen at trace time by
+    the dtype) is a broadcast product summed over K instead: not every supported Triton lowers an fp64
+    `tl.dot` (3.6 asserts on an fp64 accumulator, and without that its sm_80 backend rejects the K of
+    these tiles), and this sum has one fixed order on every version, so fp64 results stay bitwise
+    reproducible and the same on each."""
+    if acc.dtype == tl.float64:  # one branch only: Triton 3.6 still compiles what follows a static `return`
+        out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -469,8 +479,9 @@ def _fastest(launch, configs):
 
 
 def precision(dtype: torch.dtype) -> str:
-    """`tl.dot` precision for rows of `dtype`: exact fp32/fp64 products ("ieee") for fp32/fp64; for
-    fp16/bf16 rows, exact in TF32, "tf32x3" (the fp32 operand split in two) on the tensor cores."""
+    """`tl.dot` precision for rows of `dtype`: exact fp32 products ("ieee") for fp32 (fp64 rows use no
+    `tl.dot`, see `_mm`); for fp16/bf16 rows, exact in TF32, "tf32x3" (the fp32 operand split in two)
+    on the tensor cores."""
     return "tf32x3" if dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
