@@ -105,13 +105,44 @@ def _positive(shape, gen):
     return torch.rand(shape, generator=gen, dtype=F64) + 0.5
 
 
-def _close(what, out, ref, tol, case):
-    """`out` within `tol` of `ref`, or within the tolerance of its own dtype where that is coarser (a
-    coefficient gradient comes back in the coefficients' dtype)."""
-    tol = max(tol, TOLERANCE[out.dtype])
+BASELINE_FACTOR = 8
+
+
+def _close(what, out, ref, tol, case, base=None):
+    """`out` within tolerance of the float64 `ref` (docs/design.md section 5.1):
+
+    - `tol`, or the tolerance of `out`'s own dtype where that is coarser (a coefficient gradient comes
+      back in the coefficients' dtype);
+    - or, for an ill-conditioned draw, within `BASELINE_FACTOR` times the error of `base`, the same
+      reference evaluated in the compute dtype (float32): a sum that cancels to near 0 misses 1e-5 in
+      any float32 implementation, the reference included, and the kernel must then be as accurate as
+      that, not more;
+    - where the exact value overflows `out`'s dtype (a float16 coefficient gradient summed over many
+      elements), `out` holds the infinity of the right sign.
+    """
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)} for {case}"
+    out, ref = out.detach().cpu(), ref.detach().cpu()
+    tol = max(tol, TOLERANCE[out.dtype])
+    top = torch.finfo(out.dtype).max
+    edge = torch.isinf(out) | (ref.abs() > top)
+    if bool(edge.any()):
+        at = ref[edge]
+        assert not bool(torch.isnan(out[edge]).any()), f"{what}: NaN where the value overflows, for {case}"
+        assert bool((at.abs() > top * (1 - tol)).all()), (
+            f"{what}: infinity where the value is {at} for {case}"
+        )
+        assert torch.equal(torch.sign(out[edge]).double(), torch.sign(at)), (
+            f"{what}: overflow sign for {case}"
+        )
+        out, ref = out[~edge], ref[~edge]
+        base = None if base is None else base.detach().cpu()[~edge]
     err = rel_err(out, ref)
-    assert err < tol, f"{what}: rel err {err:.3g} >= {tol} for {case}"
+    if err < tol:
+        return
+    floor = rel_err(base, ref) if base is not None else 0.0
+    assert floor < 0.05 and err < BASELINE_FACTOR * floor, (
+        f"{what}: rel err {err:.3g} >= {tol} (float32 reference: {floor:.3g}) for {case}"
+    )
 
 
 # =========================================================================== rational
@@ -207,18 +238,20 @@ def check_rational(c: RationalCase, backend: str, device: str = "cpu") -> None:
     on = [t.to(device) for t in (num, den, grad)]
     out = _rational_run(fused, placed.view, on[0], on[1], on[2])
     assert placed.untouched(), f"the input buffer changed: {c}"
-    ref = _rational_run(
-        lambda a, b, q: reference.rational(a, b, q, version=c.version),
-        x.double(),
-        num.double(),
-        den.double(),
-        grad.double(),
-    )
+
+    def ref_in(dt):
+        return _rational_run(
+            lambda a, b, q: reference.rational(a, b, q, version=c.version),
+            *(t.to(dt) for t in (x, num, den, grad)),
+        )
+
+    ref = ref_in(F64)
+    base = ref_in(torch.float32) if x.dtype != F64 else [None] * 4
     assert out[0].dtype == x.dtype and out[1].dtype == x.dtype, c
     assert out[2].dtype == num.dtype and out[3].dtype == den.dtype, c
     assert out[2].shape == num.shape and out[3].shape == den.shape, c
-    for what, o, r in zip(("y", "dx", "dnumerator", "ddenominator"), out, ref):
-        _close(what, o, r, tol, c)
+    for what, o, r, f in zip(("y", "dx", "dnumerator", "ddenominator"), out, ref, base):
+        _close(what, o, r, tol, c, f)
     again = _rational_run(fused, place(x.to(device), c.layout).view, *on)
     for what, a, b in zip(("y", "dx", "dnumerator", "ddenominator"), out, again):
         assert same_bits(a, b), f"{what} differs bitwise on a second call: {c}"
@@ -306,7 +339,11 @@ RATIONAL_EXAMPLES = {
     "cpp": {"quick": 40, "long": 3000},
     "reference": {"quick": 20, "long": 1000},
 }
-RATIONAL_REGRESSIONS: list[RationalCase] = []
+RATIONAL_REGRESSIONS = [
+    # fp16 coefficients: the exact denominator gradient (about 1.2e5) overflows fp16; the kernel must
+    # return the infinity of the right sign (the oracle first called any infinity a failure).
+    RationalCase(464, 1, 3, "1d", (2, 6), "B", "float16", "same", False, "contiguous", 2.0, False, 2),
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -526,14 +563,20 @@ def check_attention_pool(c: BatchCase, backend: str, device: str = "cpu") -> Non
         return [u, hp.view.grad, *(w.view.grad for w in ws)]
 
     out = fused()
-    h64 = batch.h.double().requires_grad_()
-    w64 = [w.double().requires_grad_() for w in weights]
-    ref = reference.attention_pool(h64, batch.mask, *w64, cu_seqlens=batch.cu)
-    ref.backward(grad.double())
+
+    def ref_in(dt):
+        h = batch.h.to(dt).requires_grad_()
+        ws = [w.to(dt).requires_grad_() for w in weights]
+        u = reference.attention_pool(h, batch.mask, *ws, cu_seqlens=batch.cu)
+        u.backward(grad.to(dt))
+        return [u, h.grad, *(w.grad for w in ws)]
+
+    ref = ref_in(F64)
+    base = ref_in(torch.float32) if dtype != F64 else [None] * 5
     names = ("U", "dH", "dWd", "dbd", "dWp")
     assert out[0].dtype == dtype and all(g.dtype == dtype for g in out[1:]), c
-    for what, o, r in zip(names, out, [ref, h64.grad, *(w.grad for w in w64)]):
-        _close(what, o, r, TOLERANCE[dtype], c)
+    for what, o, r, f in zip(names, out, ref, base):
+        _close(what, o, r, TOLERANCE[dtype], c, f)
     assert bool((out[1].cpu()[~batch.keep] == 0).all()), f"nonzero dH at masked positions: {c}"
     for what, a, b in zip(names, out, fused()):
         assert same_bits(a, b), f"{what} differs bitwise on a second call: {c}"
@@ -646,7 +689,29 @@ POOL_EXAMPLES = {
     "triton": {"quick": 8, "long": 250},
     "cpp": {"quick": 30, "long": 2000},
 }
-POOL_REGRESSIONS: list[BatchCase] = []
+POOL_REGRESSIONS = [
+    # d = r = 1: dWd is one sum that cancels to 0.08 from terms of order 10; the float32 reference
+    # itself is off by 9.5e-5 (the kernels: cpp 4.7e-5, triton 9.6e-5), so 1e-5 is out of reach.
+    BatchCase(
+        3,
+        129,
+        1,
+        1,
+        5,
+        False,
+        "all",
+        (),
+        "float32",
+        "none",
+        "contiguous",
+        "contiguous",
+        (1, 1),
+        "A",
+        (0, 0, 0),
+        1,
+        1,
+    ),
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -727,15 +792,20 @@ def check_prompt_generator(c: BatchCase, backend: str, device: str = "cpu") -> N
     fused = fused.to(device, dtype)
     params = {k: v.to(dtype) for k, v in params.items()}
     fused.load_state_dict(params)
-    ref = reference.PromptGenerator(c.d, c.r, c.L, c.degrees, "gelu", c.version).double()
-    ref.load_state_dict({k: v.double() for k, v in params.items()})
+
+    def ref_in(dt):
+        ref = reference.PromptGenerator(c.d, c.r, c.L, c.degrees, "gelu", c.version).to(dt)
+        ref.load_state_dict({k: v.to(dt) for k, v in params.items()})
+        return run(ref, batch.h.to(dt), batch.mask)
+
     out = run(fused, batch.h, batch.mask)
-    expect = run(ref, batch.h.double(), batch.mask)
+    expect = ref_in(F64)
+    base = ref_in(torch.float32) if dtype != F64 else [None] * len(expect)
     names = ("P", "dH", *GEN_PARAMS)
     assert out[0].dtype == dtype, c
-    for what, o, r in zip(names, out, expect):
+    for what, o, r, f in zip(names, out, expect, base):
         assert o is not None and o.dtype == dtype, f"{what}: {None if o is None else o.dtype} for {c}"
-        _close(what, o, r, TOLERANCE[dtype], c)
+        _close(what, o, r, TOLERANCE[dtype], c, f)
     assert bool((out[1].cpu()[~batch.keep] == 0).all()), f"nonzero dH at masked positions: {c}"
     for what, a, b in zip(names, out, run(fused, batch.h, batch.mask)):
         assert same_bits(a, b), f"{what} differs bitwise on a second call: {c}"
@@ -745,7 +815,29 @@ GENERATOR_EXAMPLES = {
     "triton": {"quick": 6, "long": 200},
     "cpp": {"quick": 25, "long": 1500},
 }
-GENERATOR_REGRESSIONS: list[BatchCase] = []
+GENERATOR_REGRESSIONS = [
+    # Every sequence empty (S = 0), fp16 parameters: the numerator gradient, a sum over B L r = 1305
+    # terms of about 51, overflows fp16 (the right answer is +inf).
+    BatchCase(
+        3,
+        0,
+        255,
+        15,
+        29,
+        False,
+        "random",
+        (),
+        "float16",
+        "none",
+        "contiguous",
+        "contiguous",
+        (1, 1),
+        "A",
+        (0, 0, 0),
+        1,
+        0,
+    ),
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -799,24 +891,30 @@ def check_multi_tenant(c: BatchCase, backend: str, device: str = "cpu") -> None:
         return [p, hp.view.grad, *(w.view.grad for w in ws)]
 
     out = fused()
-    h64 = batch.h.double().requires_grad_()
-    w64 = [w.double().requires_grad_() for w in weights]
-    ref = reference.multi_tenant_generator(
-        h64, batch.mask, groups, *w64, version=c.version, cu_seqlens=batch.cu
-    )
-    if ref.requires_grad:
-        ref.backward(grad.double())
+
+    def ref_in(dt):
+        h = batch.h.to(dt).requires_grad_()
+        ws = [w.to(dt).requires_grad_() for w in weights]
+        p = reference.multi_tenant_generator(
+            h, batch.mask, groups, *ws, version=c.version, cu_seqlens=batch.cu
+        )
+        if p.requires_grad:
+            p.backward(grad.to(dt))
+        return [p, h.grad, *(w.grad for w in ws)]
+
+    expect = ref_in(F64)
+    base = ref_in(torch.float32) if dtype != F64 else [None] * len(expect)
     names = ("P", "dH", *GEN_PARAMS)
     assert out[0].dtype == dtype, c
     active = torch.tensor([t >= 0 for t in c.tenants], dtype=torch.bool)
     assert bool((out[0].cpu()[~active] == 0).all()), f"a request of tenant -1 got a nonzero prompt: {c}"
     absent = [t for t in range(c.T) if t not in c.tenants]
-    for what, o, r in zip(names, out, [ref, h64.grad, *(w.grad for w in w64)]):
+    for what, o, r, f in zip(names, out, expect, base):
         if r is None:  # every request is tenant -1: nothing depends on the inputs
             assert o is None or bool((o == 0).all()), f"{what}: nonzero gradient with no adapter: {c}"
             continue
         assert o is not None and o.dtype == dtype, f"{what}: {None if o is None else o.dtype} for {c}"
-        _close(what, o, r, TOLERANCE[dtype], c)
+        _close(what, o, r, TOLERANCE[dtype], c, f)
         if what != "P" and what != "dH" and absent:
             assert bool((o[absent] == 0).all()), f"{what}: nonzero gradient of absent tenants {absent}: {c}"
     if out[1] is not None:
@@ -894,7 +992,28 @@ MT_EXAMPLES = {
     "triton": {"quick": 6, "long": 150},
     "cpp": {"quick": 25, "long": 1500},
 }
-MT_REGRESSIONS: list[BatchCase] = []
+MT_REGRESSIONS = [
+    # d = r = L = 1: the pool-weight gradient cancels; the float32 reference misses 1e-5 as well.
+    BatchCase(
+        2,
+        268,
+        1,
+        1,
+        1,
+        False,
+        "random",
+        (),
+        "float32",
+        "none",
+        "contiguous",
+        "contiguous",
+        (1, 1),
+        "A",
+        (1, 1),
+        2,
+        323,
+    ),
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
