@@ -8,7 +8,8 @@ Profiles (docs/design.md section 5, "Fuzzing"):
 - ``long`` (the ``slow`` marker; ``bash scripts/test.sh`` runs it): thousands of examples where an
   example costs milliseconds (C++ backend, reference), a few hundred where it costs a second (the Triton
   interpreter). Also derandomized, so CI is reproducible; ``IAPT_FUZZ_RANDOM=1`` draws a fresh seed
-  each run (and keeps hypothesis' failure database) for an open-ended search.
+  each run (and keeps hypothesis' failure database) for an open-ended search, and
+  ``IAPT_FUZZ_SCALE=k`` multiplies its example counts by ``k``.
 
 Every property runs the explicit ``@example`` regression cases first (the failures the fuzzer found).
 ``IAPT_FUZZ_LOG=path`` appends, per property run, the number of examples executed (JSON lines).
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 QUICK, LONG = "quick", "long"
 PROFILES = [QUICK, pytest.param(LONG, marks=pytest.mark.slow)]
 _RANDOM = os.environ.get("IAPT_FUZZ_RANDOM") == "1"
+_SCALE = float(os.environ.get("IAPT_FUZZ_SCALE", "1"))
 _COMMON = dict(
     deadline=None,  # the interpreter's cost varies by orders of magnitude with the grid
     derandomize=not _RANDOM,
@@ -51,8 +53,11 @@ def run_property(name: str, body, strategy, profile: str, examples: dict[str, in
     """Run ``body(case)`` on the explicit ``regressions`` and then on ``examples[profile]`` cases drawn
     from ``strategy`` under the profile's settings; return the number of cases run."""
     count = [0]
+    n = examples[profile]
+    if profile == LONG:
+        n = max(1, round(n * _SCALE))
 
-    @settings(settings.get_profile("iapt-" + profile), max_examples=examples[profile])
+    @settings(settings.get_profile("iapt-" + profile), max_examples=n)
     @given(case=strategy)
     def prop(case):
         count[0] += 1

@@ -405,9 +405,9 @@ def check_generate(c: Layout, new_tokens: int) -> None:
 
 LAYOUT_EXAMPLES = {"quick": 40, "long": 3000}
 LAYOUT_BAD_EXAMPLES = {"quick": 30, "long": 1000}
-FORWARD_EXAMPLES = {"quick": 8, "long": 400}
+FORWARD_EXAMPLES = {"quick": 8, "long": 200}
 FORWARD_BAD_EXAMPLES = {"quick": 20, "long": 1000}
-GENERATE_EXAMPLES = {"quick": 5, "long": 250}
+GENERATE_EXAMPLES = {"quick": 4, "long": 60}
 
 
 @pytest.mark.parametrize("profile", PROFILES)
