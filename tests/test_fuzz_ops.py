@@ -148,11 +148,24 @@ def _close(what, out, ref, tol, case, base=None):
       when its inputs move by one float32 ulp, misses 1e-5 in any float32 implementation, the
       reference included; the kernel must then be as accurate as that, not more;
     - where the exact value overflows `out`'s dtype (a float16 coefficient gradient summed over many
-      elements), `out` holds the infinity of the right sign.
+      elements), `out` holds the infinity of the right sign; where a baseline overflows as well, any
+      non-finite value is accepted.
     """
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)} for {case}"
     out, ref = out.detach().cpu(), ref.detach().cpu()
     tol = max(tol, TOLERANCE[out.dtype])
+    base = [None if b is None else b.detach().cpu() for b in base or ()]
+    # Where a baseline overflows too (an fp16 intermediate gradient past 65504 turns into inf, and
+    # inf - inf into NaN, in the reference module as in the kernels; GradScaler skips such a step), a
+    # non-finite output is what a correct implementation at that precision gives: left out.
+    spilled = torch.zeros_like(out, dtype=torch.bool)
+    for b in base:
+        if b is not None:
+            spilled |= ~torch.isfinite(b)
+    if bool(spilled.any()):
+        spilled &= ~torch.isfinite(out)
+        out, ref = out[~spilled], ref[~spilled]
+        base = [None if b is None else b[~spilled] for b in base]
     top = torch.finfo(out.dtype).max
     edge = torch.isinf(out) | (ref.abs() > top)
     if bool(edge.any()):
@@ -165,12 +178,12 @@ def _close(what, out, ref, tol, case, base=None):
             f"{what}: overflow sign for {case}"
         )
         out, ref = out[~edge], ref[~edge]
-        base = [None if b is None else b.detach().cpu()[~edge] for b in base or ()]
+        base = [None if b is None else b[~edge] for b in base]
     err = rel_err(out, ref)
     if err < tol:
         return
-    floor = max((rel_err(b, ref) for b in base or () if b is not None), default=0.0)
-    assert floor < 0.05 and err < BASELINE_FACTOR * floor, (
+    floor = max((rel_err(b, ref) for b in base if b is not None), default=0.0)
+    assert floor < 0.25 and err < BASELINE_FACTOR * floor, (
         f"{what}: rel err {err:.3g} >= {tol} (float32 reference: {floor:.3g}) for {case}"
     )
 
@@ -844,6 +857,48 @@ GENERATOR_EXAMPLES = {
     "cpp": {"quick": 25, "long": 400},
 }
 GENERATOR_REGRESSIONS = [
+    # fp16, degree 8: the activation's input gradient overflows fp16 inside the composed module, and the
+    # pool's backward turns the inf into NaN in dH, exactly as the fp16 reference module does.
+    BatchCase(
+        8,
+        32,
+        242,
+        5,
+        42,
+        False,
+        "all",
+        (),
+        "float16",
+        "none",
+        "contiguous",
+        "contiguous",
+        (8, 2),
+        "A",
+        (0,) * 8,
+        1,
+        1640,
+    ),
+    # bf16: the denominator gradient is 5.7% off in the bf16 reference module as in the kernels (the
+    # cap on a baseline was 5%; it is 25%).
+    BatchCase(
+        7,
+        0,
+        9,
+        33,
+        9,
+        True,
+        "random",
+        (0, 0, 0, 1, 1, 1, 0),
+        "bfloat16",
+        "none",
+        "contiguous",
+        "contiguous",
+        (6, 4),
+        "A",
+        (0,) * 7,
+        1,
+        3005,
+    ),
     # fp16: the module returns U in fp16 (each op returns the activations' dtype), and the activation's
     # denominator gradient (version A, b_1 near 0) moves by 1.6% when U is rounded to fp16; the fp16
     # reference module does the same. The oracle now includes that baseline for the composed module.
