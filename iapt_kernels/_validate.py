@@ -240,7 +240,7 @@ def check_slot_index(
     num_tokens: int,
     device: torch.device,
 ) -> None:
-    """`slot_index (B, L)` long positions in `[0, S)` that are not instruction tokens."""
+    """`slot_index (B, L)` long positions in `[0, S)`, distinct within a row, none on an instruction token."""
     if not isinstance(slot_index, torch.Tensor) or slot_index.dtype != torch.long:
         got = slot_index.dtype if isinstance(slot_index, torch.Tensor) else type(slot_index).__name__
         raise TypeError(f"slot_index must be a torch.long tensor of shape (B, L), got {got}")
@@ -256,6 +256,15 @@ def check_slot_index(
     if bool(bad.any()):
         b, l = torch.nonzero(bad)[0].tolist()
         raise ValueError(f"slot_index[{b}, {l}] = {int(slot_index[b, l])} is outside [0, S) = [0, {seq_len})")
+    # Two prompts at one position: which one lands is unspecified (index_put_ without accumulate).
+    ordered = slot_index.sort(dim=1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        b, l = torch.nonzero(repeated)[0].tolist()
+        raise ValueError(
+            f"slot_index[{b}] holds position {int(ordered[b, l])} twice: each of the L prompts of a "
+            "request needs its own position"
+        )
     if mask is not None:
         on_instruction = torch.gather(mask, 1, slot_index)
         if bool(on_instruction.any()):

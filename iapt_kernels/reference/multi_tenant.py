@@ -240,8 +240,8 @@ class MultiTenantPromptGenerator(nn.Module):
                 ``groups`` is given.
             slot_index: optional ``(B, L)`` long positions (padded layout): each request's prompts are
                 written into ``hidden_states`` there, in place, and ``hidden_states`` is returned; rows
-                of tenant ``-1`` are left untouched. Positions must lie in ``[0, S)`` and not on an
-                instruction token. (In-place writing is for inference: under autograd, use the returned
+                of tenant ``-1`` are left untouched. Positions must lie in ``[0, S)``, be distinct within
+                a row and not on an instruction token. (In-place writing is for inference: under autograd, use the returned
                 prompts out of place, since the generator saves ``hidden_states`` for its backward.)
             groups: the batch's :class:`TenantGroups` (``TenantGroups.build(tenant_ids, T)``), to build
                 the grouping once and reuse it across layers.
