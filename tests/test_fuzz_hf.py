@@ -379,14 +379,15 @@ def check_forward_invalid(c: Layout) -> None:
         extra["slot_mask"] = torch.zeros(B, S, dtype=torch.bool).scatter_(1, slots, True)
     elif bad == "too_long":
         grow = MAX_POS + 1 - S
+        fill = {"input_ids": PAD, "attention_mask": 0, "instruction_mask": False, "slot_mask": False}
         batch = {
-            k: torch.cat([torch.full((B, grow), fill, dtype=v.dtype), v], 1)
-            for (k, v), fill in zip(batch.items(), (PAD, 0, False, -100))
+            k: torch.cat([torch.full((B, grow), fill.get(k, -100), dtype=v.dtype), v], 1)
+            for k, v in batch.items()
         }
     w = model(c.T, c.L)
     kw = {} if tenants is None else {"tenant_ids": tenants}
     with torch.no_grad(), pytest.raises(ValueError, match=r"\w"):
-        w(**batch, **kw, **extra)
+        w(**{**batch, **kw, **extra})  # extra's slot_mask replaces the batch's own record
 
 
 def check_generate(c: Layout, new_tokens: int) -> None:
