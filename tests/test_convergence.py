@@ -151,3 +151,40 @@ def test_fused_trains_like_reference_bf16_backbone(backend, where):
     ref = train("reference", where, dtype=torch.bfloat16)
     fused = train(backend, where, dtype=torch.bfloat16)
     assert_converges_alike(fused, ref, loss_rtol=2e-3, param_tol=5e-3)
+
+
+def test_a_fresh_adapter_has_invisible_slots_and_trains_every_part():
+    """The initialisation (issue 20, docs/design.md section 1): a fresh adapter's prompts are exactly
+    zero, so on a pre-norm Llama every slot's key and value are zero in every layer (the slots take no
+    part in any real token's output but a softmax weight of exp(0)); at the first step only ``up`` has
+    a gradient (as LoRA's zero ``B``), and after two AdamW steps every generator parameter has moved."""
+    model = tiny_llama(VOCAB, seed=0, initializer_range=0.02)
+    torch.manual_seed(1)
+    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=L, bottleneck_size=R, backend="reference"))
+    b = fixed_batches()[0]
+    seen = []
+    hooks = [
+        getattr(layer.self_attn, proj).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        for layer in w.model.model.layers
+        for proj in ("k_proj", "v_proj")
+    ]
+    loss = w(**b).loss
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * len(w.model.model.layers)
+    for out in seen:
+        assert torch.count_nonzero(out[b["slot_mask"]]) == 0
+        assert torch.count_nonzero(out[~b["slot_mask"] & b["attention_mask"].bool()]) > 0
+    init = {k: v.clone() for k, v in w.generators.state_dict().items()}
+    loss.backward()
+    for name, p in w.generators.named_parameters():
+        has_grad = p.grad is not None and torch.count_nonzero(p.grad) > 0
+        assert has_grad == (".up." in f".{name}"), name
+    opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        if step:
+            opt.zero_grad(set_to_none=True)
+            w(**fixed_batches()[step]).loss.backward()
+        opt.step()
+    for name, p in w.generators.state_dict().items():
+        assert not torch.equal(p, init[name]), f"{name} did not move in two steps"
