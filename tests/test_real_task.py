@@ -112,8 +112,14 @@ def test_jsonl_comparison_end_to_end(tmp_path, tiny_dir, capsys):
     res = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert "| iapt |" in (out / "results.md").read_text()
+    assert "step 0 vs frozen" in (out / "results.md").read_text()
     assert res["setup"]["labels"] == ["cold", "warm"]
     by = {r["method"]: r for r in res["methods"]}
+    # The frozen model's validation loss is measured once, and is where LoRA (zero B) starts
+    frozen = res["setup"]["frozen_val_loss"]
+    assert frozen > 0
+    assert by["zero-shot"]["val"] == [[0, pytest.approx(frozen, rel=1e-6)]]
+    assert by["lora"]["val"][0][1] == pytest.approx(frozen, rel=1e-6)
     assert set(by) == set(rt.METHODS)
     for name, r in by.items():
         assert "error" not in r, r

@@ -679,6 +679,14 @@ def run_comparison(args, log=print) -> dict:
     unseen = sorted({r[2] for r in data["test"]} - set(labels))
     if unseen:
         log(f"note: test labels never seen in training: {unseen}")
+    frozen_val = None
+    if data["val"] and args.methods:
+        # The mark every method's step-0 validation loss is read against (issue 20: a fresh adapter
+        # should leave it where it is). The frozen model sees the text without slots.
+        frozen = _Method("zero-shot", backbone, sizes, tok.pad_token_id, args)
+        frozen_val = _mean_loss(frozen, data["val"], args.eval_batch_size)
+        del frozen
+        log(f"frozen model's validation loss (step 0 of every method should be this): {frozen_val:.3f}")
     del backbone
     gc.collect()
     ins_len = [len(r[0]) for r in data["train"]]
@@ -744,6 +752,7 @@ def run_comparison(args, log=print) -> dict:
             serving = {"error": f"{type(exc).__name__}: {exc}", "records": []}
             log(f"serving failed: {serving['error']}")
     lrs = {"iapt": args.lr_iapt, "lora": args.lr_lora, "prompt": args.lr_prompt}
+    iapt_recipe = {"init": args.iapt_init, "lr_up_ratio": args.lr_up_ratio, "warmup": args.warmup}
     setup = {
         "model": desc,
         "data": data_desc,
@@ -755,6 +764,8 @@ def run_comparison(args, log=print) -> dict:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lrs": lrs,
+        "iapt_recipe": iapt_recipe,
+        "frozen_val_loss": frozen_val,
         "num_tokens": args.num_tokens,
         "bottleneck": args.bottleneck,
         **sizes,
