@@ -123,6 +123,8 @@ class _Method:
                     g.act = torch.nn.GELU()
             if args.iapt_init == "mean":
                 _mean_hidden_init(self.net, calibration, pad_id)
+            if args.iapt_gate:
+                _gate(self.net)
         elif name == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -214,6 +216,15 @@ def _small_init(net, seed: int) -> None:
         g.up.reset_parameters()
         torch.nn.init.normal_(g.up.weight, std=0.02)
         torch.nn.init.zeros_(g.up.bias)
+
+
+def _gate(net) -> None:
+    """An experiment (issue 20): each layer's prompts times a learned scalar that starts at 0, so
+    training starts at the frozen model (zero prompts) but ``up`` keeps its random, full-rank start.
+    Tool-only: the package's generators and saved format have no gate."""
+    for g in net.generators:
+        g.gate = torch.nn.Parameter(torch.zeros(()))
+        g.register_forward_hook(lambda m, args, out: out * m.gate)
 
 
 @torch.no_grad()
@@ -543,6 +554,11 @@ def _parse(argv):
         default=1.0,
         help="IAPT's up-projections train at --lr-iapt times this (LoRA+-style; default %(default)s)",
     )
+    tr.add_argument(
+        "--iapt-gate",
+        action="store_true",
+        help="experiment: each layer's prompts times a learned scalar gate that starts at 0",
+    )
     tr.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps, every method")
     tr.add_argument("--lr-lora", type=float, default=2e-3)
     tr.add_argument("--lr-prompt", type=float, default=3e-2)
@@ -752,7 +768,12 @@ def run_comparison(args, log=print) -> dict:
             serving = {"error": f"{type(exc).__name__}: {exc}", "records": []}
             log(f"serving failed: {serving['error']}")
     lrs = {"iapt": args.lr_iapt, "lora": args.lr_lora, "prompt": args.lr_prompt}
-    iapt_recipe = {"init": args.iapt_init, "lr_up_ratio": args.lr_up_ratio, "warmup": args.warmup}
+    iapt_recipe = {
+        "init": args.iapt_init,
+        "gate": args.iapt_gate,
+        "lr_up_ratio": args.lr_up_ratio,
+        "warmup": args.warmup,
+    }
     setup = {
         "model": desc,
         "data": data_desc,

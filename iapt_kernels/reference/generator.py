@@ -33,10 +33,10 @@ class PromptGenerator(nn.Module):
     Parameters (``nn.Linear`` conventions): ``down.weight (r, d)``, ``down.bias (r)``,
     ``pool.weight (L, r)``, ``act.numerator (1, m+1)``, ``act.denominator (1, n)``,
     ``up.weight (d, r)``, ``up.bias (d)``. ``down`` and ``pool`` keep ``nn.Linear``'s default
-    initialisation (pooling starts near a mean over the instruction); ``up`` starts at zero (weight
-    and bias), so a fresh generator's prompts are exactly zero and, on a pre-norm backbone, leave the
-    frozen model's outputs nearly as they were (docs/design.md, "Initialisation"). As with LoRA's zero
-    ``B``, only ``up`` has a gradient at the first step; every part trains from the second.
+    initialisation (pooling starts near a mean over the instruction), ``up`` starts small
+    (``N(0, 0.02^2)``, zero bias), so a fresh generator gives small, finite prompts. Small is not
+    harmless on a pre-norm backbone (the next RMSNorm scales a slot to unit RMS), and zero is harmless
+    but learns worse; docs/design.md section 1, "Initialisation", has the measurements (issue 20).
     """
 
     _activation_cls = Rational
@@ -65,9 +65,8 @@ class PromptGenerator(nn.Module):
         self.pool = nn.Linear(bottleneck_size, num_tokens, bias=False)
         self.act = self._activation_cls(degrees, activation_init, version, backend=self.backend)
         self.up = nn.Linear(bottleneck_size, hidden_size)
-        # Zero prompts leave the frozen model as it was (docs/design.md section 1, "Initialisation"):
-        # RMSNorm maps a zero slot to zero queries, keys and values; a small one to a unit-RMS direction.
-        nn.init.zeros_(self.up.weight)
+        # Not zero: zero prompts start at the frozen model but trained worse (docs/design.md section 1).
+        nn.init.normal_(self.up.weight, std=0.02)
         nn.init.zeros_(self.up.bias)
 
     @staticmethod
