@@ -109,7 +109,13 @@ def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2, *
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config}))
 
 
-DEFAULTS = {"steps": 1000, "batch_size": 32, "lr": 1e-2, "bottleneck": 64}  # the built-in demo's, see README
+DEFAULTS = {
+    "steps": 1000,
+    "batch_size": 32,
+    "lr": 1e-2,
+    "lr_up_ratio": 1.0,
+    "bottleneck": 64,
+}  # the built-in demo's, see README
 
 
 def _parse(argv):
@@ -145,6 +151,12 @@ def _parse(argv):
         type=float,
         default=DEFAULTS["lr"],
         help="AdamW peak learning rate, cosine-decayed to 0 over the run (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr-up-ratio",
+        type=float,
+        default=DEFAULTS["lr_up_ratio"],
+        help="the up-projections train at --lr times this (IAPTModel.param_groups; default %(default)s)",
     )
     p.add_argument("--num-tokens", type=int, default=4)
     p.add_argument(
@@ -353,7 +365,7 @@ def main(argv=None) -> float | None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(iapt, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW([p for p in iapt.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(iapt.param_groups(args.lr, args.lr_up_ratio), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.steps, 1))
     iapt.train()
     bar = tqdm(range(args.steps), desc="iapt", disable=args.no_progress or not main_proc, dynamic_ncols=True)

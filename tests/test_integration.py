@@ -189,6 +189,30 @@ def test_save_load_roundtrip_bit_identical(tmp_path):
         ik.load_iapt(ik.apply_iapt(tiny_model("llama"), bottleneck_size=8), tmp_path / "a")
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"share_projections": True},
+        pytest.param(
+            {"num_tenants": 3}, marks=pytest.mark.skipif(not HAS_MT, reason="no multi-tenant generator")
+        ),
+    ],
+)
+def test_param_groups_put_every_up_projection_at_its_own_rate(cfg):
+    w = wrap(tiny_model("llama"), **cfg)
+    rest, up = w.param_groups(2e-3, 8.0)
+    assert rest["lr"] == 2e-3 and up["lr"] == pytest.approx(1.6e-2)
+    ups = {id(p) for g in w.generators for p in g.up.parameters()}
+    assert {id(p) for p in up["params"]} == ups and len(up["params"]) == len(ups)  # shared ones once
+    assert not ups & {id(p) for p in rest["params"]}
+    trainable = [p for p in w.parameters() if p.requires_grad]
+    assert len(rest["params"]) + len(up["params"]) == len(trainable)
+    torch.optim.AdamW(w.param_groups(1e-3))  # a valid optimizer argument
+    with pytest.raises(ValueError, match="up_lr_ratio"):
+        w.param_groups(1e-3, 0.0)
+
+
 def test_share_projections(tmp_path):
     w = wrap(tiny_model("qwen2"), share_projections=True)
     g0, g1 = w.generators

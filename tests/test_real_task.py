@@ -112,8 +112,14 @@ def test_jsonl_comparison_end_to_end(tmp_path, tiny_dir, capsys):
     res = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert "| iapt |" in (out / "results.md").read_text()
+    assert "step 0 vs frozen" in (out / "results.md").read_text()
     assert res["setup"]["labels"] == ["cold", "warm"]
     by = {r["method"]: r for r in res["methods"]}
+    # The frozen model's validation loss is measured once, and is where LoRA (zero B) starts
+    frozen = res["setup"]["frozen_val_loss"]
+    assert frozen > 0
+    assert by["zero-shot"]["val"] == [[0, pytest.approx(frozen, rel=1e-6)]]
+    assert by["lora"]["val"][0][1] == pytest.approx(frozen, rel=1e-6)
     assert set(by) == set(rt.METHODS)
     for name, r in by.items():
         assert "error" not in r, r
@@ -250,3 +256,48 @@ def test_serving_only_on_the_backbone(tmp_path, tiny_dir):
     )
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in recs.values())
     assert "| iapt | 2 |" in (out / "results.md").read_text()
+
+
+def test_the_gate_experiment_starts_at_the_frozen_model_and_trains_every_part():
+    """``--iapt-gate`` (issue 20): each layer's prompts times a scalar that starts at 0. The slots then
+    have zero keys and values in every layer (they change no real token's output but for a softmax
+    weight of exp(0)); at the first step only the gates have a gradient; after two AdamW steps every
+    generator parameter has moved (``up`` keeps its random start, unlike a zero ``up``)."""
+    from test_convergence import VOCAB, fixed_batches
+
+    from iapt_kernels.train import tiny_llama
+
+    torch.manual_seed(1)
+    w = ik.apply_iapt(
+        tiny_llama(VOCAB, seed=0, initializer_range=0.02),
+        ik.IAPTConfig(num_tokens=4, bottleneck_size=8, backend="reference"),
+    )
+    rt._gate(w)
+    b = fixed_batches()[0]
+    seen = []
+    hooks = [
+        getattr(layer.self_attn, proj).register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        for layer in w.model.model.layers
+        for proj in ("k_proj", "v_proj")
+    ]
+    loss = w(**b).loss
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * len(w.model.model.layers)
+    for out in seen:
+        assert torch.count_nonzero(out[b["slot_mask"]]) == 0
+        assert torch.count_nonzero(out[~b["slot_mask"] & b["attention_mask"].bool()]) > 0
+    init = {k: v.clone() for k, v in w.generators.state_dict().items()}
+    assert sum(k.endswith(".gate") for k in init) == len(w.generators)
+    loss.backward()
+    for name, p in w.generators.named_parameters():
+        has_grad = p.grad is not None and torch.count_nonzero(p.grad) > 0
+        assert has_grad == name.endswith(".gate"), name
+    opt = torch.optim.AdamW(w.param_groups(1e-2))
+    for step in range(2):
+        if step:
+            opt.zero_grad(set_to_none=True)
+            w(**fixed_batches()[step]).loss.backward()
+        opt.step()
+    for name, p in w.generators.state_dict().items():
+        assert not torch.equal(p, init[name]), f"{name} did not move in two steps"

@@ -116,11 +116,15 @@ class _Method:
                     backend=args.backend,
                 ),
             )
+            if args.iapt_init in ("small", "mean"):
+                _small_init(self.net, args.seed + 1)
             if name == "iapt-gelu":
                 for g in self.net.generators:
                     g.act = torch.nn.GELU()
             if args.iapt_init == "mean":
                 _mean_hidden_init(self.net, calibration, pad_id)
+            if args.iapt_gate:
+                _gate(self.net)
         elif name == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -198,6 +202,29 @@ class _Method:
         width = b["input_ids"].shape[1]
         # PEFT prompt tuning returns only the prompt's own ids plus the new ones, like the others
         return [row[width:].tolist() for row in out]
+
+
+@torch.no_grad()
+def _small_init(net, seed: int) -> None:
+    """The package's initialisation before issue 20, drawn in its order from ``seed``: ``nn.Linear``
+    defaults, then ``up.weight ~ N(0, 0.02^2)`` and a zero ``up.bias`` (prompts small, not zero), so
+    ``--iapt-init small`` / ``mean`` reproduce the earlier runs whatever the package's default is."""
+    torch.manual_seed(seed)
+    for g in net.generators:
+        g.down.reset_parameters()
+        g.pool.reset_parameters()
+        g.up.reset_parameters()
+        torch.nn.init.normal_(g.up.weight, std=0.02)
+        torch.nn.init.zeros_(g.up.bias)
+
+
+def _gate(net) -> None:
+    """An experiment (issue 20): each layer's prompts times a learned scalar that starts at 0, so
+    training starts at the frozen model (zero prompts) but ``up`` keeps its random, full-rank start.
+    Tool-only: the package's generators and saved format have no gate."""
+    for g in net.generators:
+        g.gate = torch.nn.Parameter(torch.zeros(()))
+        g.register_forward_hook(lambda m, args, out: out * m.gate)
 
 
 @torch.no_grad()
@@ -360,7 +387,9 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
                 "prompt": args.lr_prompt,
             }[name]
             rec["lr"] = lr
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            opt = torch.optim.AdamW(_param_groups(method, name, lr, args.lr_up_ratio), weight_decay=0.0)
+            warm = max(0, args.warmup)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (warm + 1)))
             method.net.train()
             plan = _batches(len(train), args.batch_size, args.steps, args.seed)
             eval_at = set(range(0, args.steps + 1, max(1, args.eval_every))) | {args.steps}
@@ -377,6 +406,7 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"{name}: loss became {lv} at step {step + 1}")
@@ -390,6 +420,8 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
             method.net.eval()
             if val:
                 rec["val"].append((args.steps, _mean_loss(method, val, args.eval_batch_size)))
+        elif val:  # the frozen model's validation loss: the mark every method's step 0 is read against
+            rec["val"].append((0, _mean_loss(method, val, args.eval_batch_size)))
         method.net.eval()
         bar = tqdm(total=len(test), desc=f"{name} test", disable=disable, dynamic_ncols=True)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -400,6 +432,13 @@ def run_method(name: str, model_dir: str, data: dict, sizes: dict, args_dict: di
             rec["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     rec["peak_rss_mib"], rec["start_rss_mib"] = mem.peak, mem.start
     return rec
+
+
+def _param_groups(method: _Method, name: str, lr: float, up_ratio: float) -> list[dict]:
+    """AdamW groups: IAPT's up-projections at ``lr * up_ratio`` (``IAPTModel.param_groups``)."""
+    if name in ("iapt", "iapt-gelu"):
+        return method.net.param_groups(lr, up_ratio)
+    return [{"params": method.trainable(), "lr": lr}]
 
 
 def _keep_layers(model, n: int) -> None:
@@ -501,12 +540,26 @@ def _parse(argv):
     tr.add_argument("--prompt-tokens", type=int, default=32, help="prompt tuning's virtual tokens")
     tr.add_argument(
         "--iapt-init",
-        choices=["mean", "default"],
+        choices=["package", "small", "mean"],
         default="mean",
-        help="mean: each generator's up.bias starts at the mean hidden state entering its layer "
-        "(prompts start as an average token); default: the package's (prompts start near 0)",
+        help="package: the package's own initialisation; small: up ~ N(0, 0.02^2), zero bias (the "
+        "package's before issue 20: prompts start near 0, not at 0); mean: small, then each "
+        "generator's up.bias at the mean hidden state entering its layer (prompts start as an "
+        "average token)",
     )
     tr.add_argument("--lr-iapt", type=float, default=3e-3)
+    tr.add_argument(
+        "--lr-up-ratio",
+        type=float,
+        default=1.0,
+        help="IAPT's up-projections train at --lr-iapt times this (LoRA+-style; default %(default)s)",
+    )
+    tr.add_argument(
+        "--iapt-gate",
+        action="store_true",
+        help="experiment: each layer's prompts times a learned scalar gate that starts at 0",
+    )
+    tr.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps, every method")
     tr.add_argument("--lr-lora", type=float, default=2e-3)
     tr.add_argument("--lr-prompt", type=float, default=3e-2)
     tr.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
@@ -642,6 +695,14 @@ def run_comparison(args, log=print) -> dict:
     unseen = sorted({r[2] for r in data["test"]} - set(labels))
     if unseen:
         log(f"note: test labels never seen in training: {unseen}")
+    frozen_val = None
+    if data["val"] and args.methods:
+        # The mark every method's step-0 validation loss is read against (issue 20: a fresh adapter
+        # should leave it where it is). The frozen model sees the text without slots.
+        frozen = _Method("zero-shot", backbone, sizes, tok.pad_token_id, args)
+        frozen_val = _mean_loss(frozen, data["val"], args.eval_batch_size)
+        del frozen
+        log(f"frozen model's validation loss (step 0 of every method should be this): {frozen_val:.3f}")
     del backbone
     gc.collect()
     ins_len = [len(r[0]) for r in data["train"]]
@@ -707,6 +768,12 @@ def run_comparison(args, log=print) -> dict:
             serving = {"error": f"{type(exc).__name__}: {exc}", "records": []}
             log(f"serving failed: {serving['error']}")
     lrs = {"iapt": args.lr_iapt, "lora": args.lr_lora, "prompt": args.lr_prompt}
+    iapt_recipe = {
+        "init": args.iapt_init,
+        "gate": args.iapt_gate,
+        "lr_up_ratio": args.lr_up_ratio,
+        "warmup": args.warmup,
+    }
     setup = {
         "model": desc,
         "data": data_desc,
@@ -718,6 +785,8 @@ def run_comparison(args, log=print) -> dict:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lrs": lrs,
+        "iapt_recipe": iapt_recipe,
+        "frozen_val_loss": frozen_val,
         "num_tokens": args.num_tokens,
         "bottleneck": args.bottleneck,
         **sizes,

@@ -22,23 +22,26 @@ def _table(results: dict) -> str:
     maj = results["majority"]["accuracy"]
     lines = [
         "| method | trainable params | test accuracy | vs majority | train loss first -> last (mean of min(10, steps/4)) "
-        "| val loss start -> end | train wall / CPU (s) | test wall / CPU (s) | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+        "| val loss start -> end | step 0 vs frozen | train wall / CPU (s) | test wall / CPU (s) "
+        "| peak RSS (MiB) |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
+    frozen = results["setup"].get("frozen_val_loss")
     for r in results["methods"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | | failed: {r['error']} | | | | | | | |")
             continue
         ls, k = r["losses"], max(1, min(10, len(r["losses"]) // 4))
         fl = f"{sum(ls[:k]) / k:.3f} -> {sum(ls[-k:]) / k:.3f}" if ls else "-"
         vl = f"{r['val'][0][1]:.3f} -> {r['val'][-1][1]:.3f}" if r.get("val") else "-"
+        v0 = f"{100 * (r['val'][0][1] / frozen - 1):+.1f}%" if r.get("val") and frozen else "-"
         lines.append(
             f"| {r['method']} | {r['trainable_params']:,} | {100 * r['accuracy']:.1f}% "
-            f"({r['correct']}/{r['n']}) | {100 * (r['accuracy'] - maj):+.1f} pts | {fl} | {vl} | "
+            f"({r['correct']}/{r['n']}) | {100 * (r['accuracy'] - maj):+.1f} pts | {fl} | {vl} | {v0} | "
             f"{r['train_s']:.0f} / {r.get('train_cpu_s', 0.0):.0f} | {r['eval_s']:.0f} / "
             f"{r.get('eval_cpu_s', 0.0):.0f} | {r['peak_rss_mib']:.0f} |"
         )
-    lines.append(f"| majority class ({results['majority']['label']}) | 0 | {100 * maj:.1f}% | | | | | | |")
+    lines.append(f"| majority class ({results['majority']['label']}) | 0 | {100 * maj:.1f}% | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -120,7 +123,11 @@ def _report(results: dict) -> str:
         f"validation / {s['n_test']} test (seed {s['seed']}).",
         f"Training: {s['steps']} steps x batch {s['batch_size']}, AdamW; learning rates {s['lrs']}. "
         f"IAPT: L={s['num_tokens']}, r={s['bottleneck']}; LoRA rank {s['lora_rank']} on "
-        f"{'+'.join(s['lora_targets'])}; prompt tuning {s['prompt_tokens']} virtual tokens.",
+        f"{'+'.join(s['lora_targets'])}; prompt tuning {s['prompt_tokens']} virtual tokens. IAPT recipe: "
+        f"{s.get('iapt_recipe')}.",
+        "The frozen model's validation loss (no slots): "
+        + (f"{s['frozen_val_loss']:.3f}" if s.get("frozen_val_loss") is not None else "not measured")
+        + "; 'step 0 vs frozen' is each method's validation loss before training against it.",
         f"Machine: {s['machine']}. Wall time {results['wall_s'] / 60:.1f} min (load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in results.get('load_avg_end') or ())}). CPU seconds count every "
         "thread: divided by the thread count they estimate the wall time on an idle machine.",

@@ -510,6 +510,22 @@ class IAPTModel(nn.Module):
         """Number of parameters that require grad (the generators' parameters, shared ones once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def param_groups(self, lr: float, up_lr_ratio: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups: the generators' up-projections at ``lr * up_lr_ratio``, every
+        other trainable parameter at ``lr`` (docs/design.md section 1, "Initialisation").
+
+        ``up`` starts at zero, so at the first step it is the only part with a gradient (as LoRA's
+        ``B``); a larger rate for it is LoRA+'s remedy. Pass the result to any ``torch.optim``
+        optimizer, e.g. ``torch.optim.AdamW(model.param_groups(3e-3, 4.0))``.
+        """
+        if not (lr > 0 and up_lr_ratio > 0):
+            raise ValueError(f"lr and up_lr_ratio must be > 0, got {lr!r} and {up_lr_ratio!r}")
+        up, rest = [], []
+        for name, p in self.generators.named_parameters():
+            if p.requires_grad:
+                (up if name.split(".")[-2] == "up" else rest).append(p)
+        return [{"params": rest, "lr": lr}, {"params": up, "lr": lr * up_lr_ratio}]
+
     # ----------------------------------------------------------------- saving
     def save_pretrained(
         self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs

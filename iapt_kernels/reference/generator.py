@@ -34,7 +34,9 @@ class PromptGenerator(nn.Module):
     ``pool.weight (L, r)``, ``act.numerator (1, m+1)``, ``act.denominator (1, n)``,
     ``up.weight (d, r)``, ``up.bias (d)``. ``down`` and ``pool`` keep ``nn.Linear``'s default
     initialisation (pooling starts near a mean over the instruction), ``up`` starts small
-    (``N(0, 0.02^2)``, zero bias), so a fresh generator gives small, finite prompts.
+    (``N(0, 0.02^2)``, zero bias), so a fresh generator gives small, finite prompts. Small is not
+    harmless on a pre-norm backbone (the next RMSNorm scales a slot to unit RMS), and zero is harmless
+    but learns worse; docs/design.md section 1, "Initialisation", has the measurements (issue 20).
     """
 
     _activation_cls = Rational
@@ -63,6 +65,7 @@ class PromptGenerator(nn.Module):
         self.pool = nn.Linear(bottleneck_size, num_tokens, bias=False)
         self.act = self._activation_cls(degrees, activation_init, version, backend=self.backend)
         self.up = nn.Linear(bottleneck_size, hidden_size)
+        # Not zero: zero prompts start at the frozen model but trained worse (docs/design.md section 1).
         nn.init.normal_(self.up.weight, std=0.02)
         nn.init.zeros_(self.up.bias)
 
