@@ -1,12 +1,12 @@
-"""``python -m iapt_kernels.integrations.vllm``: start vLLM's OpenAI-compatible server serving IAPT tenants.
+r"""``python -m iapt_kernels.integrations.vllm``: start vLLM's OpenAI-compatible server serving IAPT tenants.
 
 Builds the engine arguments of :func:`iapt_kernels.integrations.vllm.engine_args` as command-line flags
 and replaces this process with ``python -m vllm.entrypoints.openai.api_server`` (same pid: stop the
 server by this process's id). Arguments after ``--`` go to the server unchanged (``--host``,
 ``--port``, ``--dtype``, ...).
 
-    python -m iapt_kernels.integrations.vllm --model DIR --adapter support=DIR_A --adapter legal=DIR_B:1 \\
-        --response-prefix $'<|im_start|>assistant\\n' -- --host 127.0.0.1 --port 8000
+    python -m iapt_kernels.integrations.vllm --model DIR --adapter support=DIR_A --adapter legal=DIR_B:1 \
+        --response-prefix $'<|im_start|>assistant\n' -- --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
