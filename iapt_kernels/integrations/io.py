@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..modules import MultiTenantPromptGenerator, PromptGenerator
-from .transformers import UNTRAINED_KEY, IAPTConfig, IAPTModel, apply_iapt
+from .transformers import UNTRAINED_KEY, IAPTConfig, IAPTModel, _new_generator, apply_iapt
 
 __all__ = ["save_iapt", "load_iapt", "read_iapt_config"]
 
@@ -384,29 +384,14 @@ def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
     elif Ts == 1:
         _check_tenant(tenant, Tm)
         for g, sd in zip(gens, layers):
-            single = PromptGenerator(
-                model.hidden_size,
-                cfg.bottleneck_size,
-                cfg.num_tokens,
-                tuple(cfg.degrees),
-                cfg.activation_init,
-                cfg.version,
-            )
+            single = _new_generator(cfg, model.hidden_size)
             single.load_state_dict(sd)
             p0 = next(g.parameters())
             _set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
     else:
         _check_tenant(tenant, Ts)
         for g, sd in zip(gens, layers):
-            mt = MultiTenantPromptGenerator(
-                Ts,
-                model.hidden_size,
-                saved_cfg.bottleneck_size,
-                saved_cfg.num_tokens,
-                tuple(saved_cfg.degrees),
-                saved_cfg.activation_init,
-                saved_cfg.version,
-            )
+            mt = _new_generator(saved_cfg, model.hidden_size, Ts)
             mt.load_state_dict(sd)
             single = mt.generator(tenant)
             p0 = next(g.parameters())

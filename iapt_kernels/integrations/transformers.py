@@ -304,6 +304,29 @@ def _backbone_never_missing(module, incompatible_keys) -> None:
         module._set_tenant_weights([t for t in untrained if 0 <= t < T], "initial")
 
 
+def _generator_args(config: IAPTConfig, hidden_size: int) -> tuple:
+    """The positional arguments a generator module takes for ``config`` (after the tenant count of a
+    multi-tenant one): the one place the config's fields map onto the modules' arguments."""
+    return (
+        hidden_size,
+        config.bottleneck_size,
+        config.num_tokens,
+        tuple(config.degrees),
+        config.activation_init,
+        config.version,
+    )
+
+
+def _new_generator(
+    config: IAPTConfig, hidden_size: int, num_tenants: int = 1, backend: str = "auto"
+) -> nn.Module:
+    """One layer's generator for ``config``: a :class:`PromptGenerator` for one tenant, else a
+    :class:`MultiTenantPromptGenerator` (wrapping and loading build through it)."""
+    if num_tenants == 1:
+        return PromptGenerator(*_generator_args(config, hidden_size), backend)
+    return MultiTenantPromptGenerator(num_tenants, *_generator_args(config, hidden_size), backend)
+
+
 class IAPTModel(nn.Module):
     """A frozen causal LM with one IAPT soft-prompt generator per decoder layer.
 
@@ -412,18 +435,7 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
-        args = (
-            self.hidden_size,
-            config.bottleneck_size,
-            config.num_tokens,
-            tuple(config.degrees),
-            config.activation_init,
-            config.version,
-            config.backend,
-        )
-        if config.num_tenants == 1:
-            return PromptGenerator(*args)
-        return MultiTenantPromptGenerator(config.num_tenants, *args)
+        return _new_generator(config, self.hidden_size, config.num_tenants, config.backend)
 
     def __getattr__(self, name: str):
         try:

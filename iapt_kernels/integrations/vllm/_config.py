@@ -10,9 +10,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ...modules import MultiTenantPromptGenerator, PromptGenerator
+from ...modules import MultiTenantPromptGenerator
 from ..io import CONFIG_NAME, WEIGHTS_NAME, _layer_states, _open_safetensors, _set_tenant, read_iapt_config
-from ..transformers import UNTRAINED_KEY, IAPTConfig
+from ..transformers import UNTRAINED_KEY, IAPTConfig, _generator_args, _new_generator
 
 # Keys of SamplingParams.extra_args (over HTTP: vllm_xargs) and of the model config.
 TENANT_KEY = "iapt_tenant"
@@ -135,18 +135,9 @@ def stacked_generators(
 ) -> list[MultiTenantPromptGenerator]:
     """One :class:`MultiTenantPromptGenerator` per layer, tenant ``i`` = ``tenants[i]``, in fp32."""
     T = len(tenants)
+    # Stacked even for one tenant: the engine's slot writer runs the multi-tenant op for every batch.
     gens = [
-        MultiTenantPromptGenerator(
-            T,
-            hidden_size,
-            cfg.bottleneck_size,
-            cfg.num_tokens,
-            tuple(cfg.degrees),
-            cfg.activation_init,
-            cfg.version,
-            backend=backend,
-        )
-        for _ in range(num_layers)
+        MultiTenantPromptGenerator(T, *_generator_args(cfg, hidden_size), backend) for _ in range(num_layers)
     ]
     cache: dict[str, tuple[IAPTConfig, list[dict]]] = {}
     for i, a in enumerate(tenants):
@@ -158,28 +149,10 @@ def stacked_generators(
             cache[a.path] = (saved, _layer_states(_open_safetensors(file), num_layers, file))
         saved, layers = cache[a.path]
         for l, sd in enumerate(layers):
-            if saved.num_tenants == 1:
-                single = PromptGenerator(
-                    hidden_size,
-                    cfg.bottleneck_size,
-                    cfg.num_tokens,
-                    tuple(cfg.degrees),
-                    cfg.activation_init,
-                    cfg.version,
-                )
-                single.load_state_dict(sd)
-            else:
-                mt = MultiTenantPromptGenerator(
-                    saved.num_tenants,
-                    hidden_size,
-                    cfg.bottleneck_size,
-                    cfg.num_tokens,
-                    tuple(cfg.degrees),
-                    cfg.activation_init,
-                    cfg.version,
-                )
-                mt.load_state_dict(sd)
-                single = mt.generator(a.tenant)
+            single = _new_generator(cfg, hidden_size, saved.num_tenants)
+            single.load_state_dict(sd)
+            if saved.num_tenants > 1:
+                single = single.generator(a.tenant)
             _set_tenant(gens[l], i, single)
     for g in gens:
         g.requires_grad_(False)
