@@ -1,7 +1,8 @@
 """The package's floors (docs/design.md section 4.2), checked on the source and in a process
 without Triton: the reference imports neither Triton nor the kernel layer, modules only hold
-parameters and call `functional`, every autograd Function lives in `ops/`, and no module imports
-the package itself from inside a function."""
+parameters and call `functional`, every autograd Function lives in `ops/`, no module imports
+the package itself from inside a function, the integrations import one way (section 9), and no
+import cycle joins the package's modules. Every import counts, those inside functions too."""
 
 import ast
 import pathlib
@@ -65,11 +66,20 @@ def test_kernel_layer_says_what_is_missing_without_triton():
     assert out.returncode == 0 and "ImportError" in out.stdout and "triton" in out.stdout, out.stderr
 
 
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(f): f for f in sorted(PACKAGE.rglob("*.py"))}
+
+
 def _imports(path: pathlib.Path):
-    """(module imported, inside a function?) for every import of `path`, relative ones resolved."""
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    parts = list(rel.parts)
-    pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    """(module imported, inside a function?) for every import of `path`, relative ones resolved.
+
+    ``from X import y`` names ``X.y`` when that is a module of the package, else ``X``."""
+    name = _module_name(path)
+    pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     tree = ast.parse(path.read_text())
     found = []
 
@@ -79,19 +89,67 @@ def _imports(path: pathlib.Path):
             if isinstance(child, ast.Import):
                 found.extend((a.name, in_function) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
-                if child.level:
-                    base = pkg[: len(pkg) - child.level + 1]
-                    name = ".".join(base + ([child.module] if child.module else []))
-                    if child.module:
-                        found.append((name, in_function))
-                    else:
-                        found.extend((f"{name}.{a.name}", in_function) for a in child.names)
-                else:
-                    found.append((child.module, in_function))
+                base = ".".join(pkg[: len(pkg) - child.level + 1]) if child.level else ""
+                source = ".".join(p for p in (base, child.module) if p)
+                for a in child.names:
+                    sub = f"{source}.{a.name}"
+                    found.append((sub if sub in MODULES else source, in_function))
             visit(child, inner)
 
     visit(tree, False)
     return found
+
+
+def _lazy_imports() -> set[str]:
+    """The modules the package `__init__` imports by name (`import_module`, for its kernel-layer
+    names): the values of its `_KERNEL_LAYER` table."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    tables = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(getattr(t, "id", None) == "_KERNEL_LAYER" for t in node.targets)
+    ]
+    uses_import_module = any(
+        isinstance(node, ast.Call) and getattr(node.func, "id", None) == "import_module"
+        for node in ast.walk(tree)
+    )
+    assert tables or not uses_import_module, "__init__ imports by name without a _KERNEL_LAYER table to read"
+    return {f"iapt_kernels.{m}" for table in tables for m in ast.literal_eval(table).values()}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at module level or inside a function."""
+    graph = {mod: {m for m, _ in _imports(f) if m in MODULES and m != mod} for mod, f in MODULES.items()}
+    graph["iapt_kernels"] |= _lazy_imports()
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as a path that returns to its start, or None."""
+    done, path, on_path = set(), [], set()
+
+    def visit(mod):
+        path.append(mod)
+        on_path.add(mod)
+        for dep in sorted(graph[mod]):
+            if dep in on_path:
+                return path[path.index(dep) :] + [dep]
+            if dep not in done:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        on_path.discard(mod)
+        done.add(mod)
+        return None
+
+    for mod in sorted(graph):
+        if mod not in done:
+            found = visit(mod)
+            if found:
+                return found
+    return None
 
 
 def _files(sub: str):
@@ -122,6 +180,50 @@ def test_no_function_local_self_imports():
     for f in sorted(PACKAGE.rglob("*.py")):
         bad = [m for m, local in _imports(f) if local and m == "iapt_kernels"]
         assert not bad, f"{f.relative_to(PACKAGE)} imports iapt_kernels inside a function"
+
+
+def test_imports_resolve_to_package_modules():
+    # The graph below is only as good as the resolution: every import of the package must name one
+    # of its modules (a rename that leaves an import behind would drop an edge silently).
+    for f in MODULES.values():
+        bad = [m for m, _ in _imports(f) if m.split(".")[0] == "iapt_kernels" and m not in MODULES]
+        assert not bad, f"{f.relative_to(PACKAGE)} imports {bad}, which are not modules of the package"
+
+
+def test_no_import_cycle():
+    """The package's modules import one another one way only, counting imports inside functions: a
+    cycle hidden by a function-local import is still a cycle (each side needs the other)."""
+    cycle = _cycle(_import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Each integrations module imports only those before it: the configuration and the adapter files know
+# no model, the model knows no collator or serving plugin (docs/design.md section 9).
+INTEGRATION_FLOORS = ("slots", "config", "hooks", "io", "collator", "model", "vllm")
+
+
+def test_integrations_import_one_way():
+    prefix = "iapt_kernels.integrations."
+    floor = {name: i for i, name in enumerate(INTEGRATION_FLOORS)}
+    graph = _import_graph()
+    for mod in graph:
+        if not mod.startswith(prefix):
+            continue
+        here = mod[len(prefix) :].split(".")[0]
+        assert here in floor, f"{mod} is not placed in INTEGRATION_FLOORS"
+        above = [
+            m
+            for m in graph[mod]
+            if m.startswith(prefix) and m[len(prefix) :].split(".")[0] != here
+            if floor[m[len(prefix) :].split(".")[0]] > floor[here]
+        ]
+        assert not above, f"{mod} imports {above}, above it in INTEGRATION_FLOORS"
+
+
+def test_cycle_finder():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
 def test_autograd_functions_live_in_ops():

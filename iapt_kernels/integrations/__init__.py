@@ -6,9 +6,11 @@ layers form an ``nn.ModuleList`` works; ``safetensors`` is imported by save/load
 """
 
 from .collator import IAPTDataCollator
-from .io import load_iapt, read_iapt_config, save_iapt
+from .config import IAPTConfig
+from .hooks import find_decoder_layers
+from .io import read_iapt_config
+from .model import IAPTModel, apply_iapt, load_iapt, save_iapt
 from .slots import insert_prompt_slots, slot_positions
-from .transformers import IAPTConfig, IAPTModel, apply_iapt, find_decoder_layers
 
 __all__ = [
     "IAPTConfig",

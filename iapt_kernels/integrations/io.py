@@ -1,44 +1,40 @@
-"""Save and load IAPT adapters: ``adapter_model.safetensors`` + ``iapt_config.json`` in a directory.
+"""The adapter files: ``adapter_model.safetensors`` + ``iapt_config.json`` in a directory.
 
 ``iapt_config.json`` records the :class:`IAPTConfig` and the base model (``model_type``, class name,
 hidden size, layer count), so an adapter refuses to load into a model it was not trained on. Every
 load error names the file it comes from. Files are written with the process umask, like any other
-file the user writes. :func:`load_iapt` also reads the ``model.safetensors`` a ``transformers.Trainer``
-writes for an :class:`IAPTModel` (``save_model()`` and its checkpoints): the module's state_dict is the
-generators plus the adapter metadata under ``_extra_state``.
+file the user writes. :func:`read_iapt_config` also reads the ``model.safetensors`` a
+``transformers.Trainer`` writes for an :class:`IAPTModel` (``save_model()`` and its checkpoints): the
+module's state_dict is the generators plus the adapter metadata under ``_extra_state``.
+
+This layer knows the configuration, the metadata, tensors and generator modules, never the model that
+holds them: :mod:`.model` builds :func:`save_iapt` and :func:`load_iapt` on it, and the vLLM plugin
+reads adapters through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..modules import MultiTenantPromptGenerator, PromptGenerator
-from .transformers import UNTRAINED_KEY, IAPTConfig, IAPTModel, _new_generator, apply_iapt
+from .config import IAPTConfig, new_generator
 
-__all__ = ["save_iapt", "load_iapt", "read_iapt_config"]
+__all__ = ["read_iapt_config"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "iapt_config.json"
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer writes for a non-PreTrainedModel
 EXTRA_STATE_KEY = "_extra_state"
+UNTRAINED_KEY = "untrained_tenants"  # adapter metadata: tenants saved with their initial weights
 FORMAT_VERSION = 1
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while (
-        not isinstance(model, IAPTModel) and hasattr(model, "module") and isinstance(model.module, nn.Module)
-    ):
-        model = model.module  # DistributedDataParallel, DataParallel
-    return model
-
-
-def _set_tenant(mt: MultiTenantPromptGenerator, t: int, gen: PromptGenerator) -> None:
+def set_tenant(mt: MultiTenantPromptGenerator, t: int, gen: PromptGenerator) -> None:
     """Write single-tenant generator ``gen`` into tenant slot ``t`` of ``mt``: each stacked parameter
     is named like the single generator's, with a leading tenant axis."""
     stacked = dict(mt.named_parameters())
@@ -47,45 +43,35 @@ def _set_tenant(mt: MultiTenantPromptGenerator, t: int, gen: PromptGenerator) ->
             stacked[name][t].copy_(p.reshape(stacked[name][t].shape))
 
 
-def _check_tenant(t, T: int) -> int:
+def check_tenant(t, T: int) -> int:
     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < T:
         raise ValueError(f"tenant must be an int in [0, {T}), got {t!r}")
     return t
 
 
-def _base_model_info(model: IAPTModel) -> dict[str, Any]:
-    config = getattr(model.model, "config", None)
+def base_model_info(backbone: nn.Module, hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """What the metadata records of the base model, to refuse an adapter trained on another one."""
+    config = getattr(backbone, "config", None)
     return {
         "model_type": getattr(config, "model_type", None),
-        "class": type(model.model).__name__,
+        "class": type(backbone).__name__,
         "name_or_path": getattr(config, "_name_or_path", None) or None,
-        "hidden_size": model.hidden_size,
-        "num_layers": model.num_layers,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
     }
 
 
-def _untrained(model: IAPTModel) -> list[int]:
-    """The tenants of a multi-tenant ``model`` that still hold their initial random weights."""
-    if model.iapt_config.num_tenants == 1:
-        return []
-    return [t for t, how in enumerate(model.tenant_weights) if how == "initial"]
-
-
-def adapter_metadata(
-    model: IAPTModel, config: IAPTConfig | None = None, untrained: list[int] | None = None
-) -> dict[str, Any]:
-    """The ``iapt_config.json`` content for ``model`` (``config`` replaces its :class:`IAPTConfig`;
-    ``untrained``, default the model's own, the tenants recorded under ``untrained_tenants``)."""
-    cfg = model.iapt_config if config is None else config
+def adapter_metadata(config: IAPTConfig, base: dict[str, Any], untrained: list[int]) -> dict[str, Any]:
+    """The ``iapt_config.json`` content of an adapter with ``config`` on base model ``base``
+    (:func:`base_model_info`); ``untrained``: the tenants recorded under ``untrained_tenants``."""
     meta = {
         "format": "iapt_kernels",
         "format_version": FORMAT_VERSION,
-        "iapt_config": cfg.to_dict(),
-        "hidden_size": model.hidden_size,
-        "num_layers": model.num_layers,
-        "base_model": _base_model_info(model),
+        "iapt_config": config.to_dict(),
+        "hidden_size": base["hidden_size"],
+        "num_layers": base["num_layers"],
+        "base_model": base,
     }
-    untrained = _untrained(model) if untrained is None else untrained
     if untrained:  # absent (adapters of earlier versions too): every tenant holds weights
         meta[UNTRAINED_KEY] = untrained
     return meta
@@ -120,15 +106,15 @@ def _parse_config(meta: dict[str, Any], where: str) -> IAPTConfig:
         raise ValueError(f"{where}: bad iapt_config ({exc})") from None
 
 
-def check_metadata(model: IAPTModel, meta: dict[str, Any], where: str) -> IAPTConfig:
-    """The saved :class:`IAPTConfig`, after checking that the adapter fits ``model``.
+def check_metadata(meta: dict[str, Any], config: IAPTConfig, here: dict[str, Any], where: str) -> IAPTConfig:
+    """The saved :class:`IAPTConfig`, after checking that the adapter fits a model with ``config`` on
+    base model ``here`` (:func:`base_model_info`).
 
     Refuses another base model (``model_type``, or the class where there is none), another hidden
     size or layer count, and another ``num_tokens``, ``bottleneck_size`` or ``degrees``.
     """
     saved = _parse_config(meta, where)
-    cfg = model.iapt_config
-    base, here = meta.get("base_model") or {}, _base_model_info(model)
+    base = meta.get("base_model") or {}
     fix = "load the adapter into the base model it was trained on"
     for key in (
         ("model_type", "class")
@@ -142,11 +128,11 @@ def check_metadata(model: IAPTModel, meta: dict[str, Any], where: str) -> IAPTCo
                 f"), this is a {here['model_type'] or here['class']} model ({here['class']}); {fix}"
             )
     for what, a, b in (
-        ("hidden_size", meta["hidden_size"], model.hidden_size),
-        ("num_layers", meta["num_layers"], model.num_layers),
-        ("num_tokens", saved.num_tokens, cfg.num_tokens),
-        ("bottleneck_size", saved.bottleneck_size, cfg.bottleneck_size),
-        ("degrees", tuple(saved.degrees), tuple(cfg.degrees)),
+        ("hidden_size", meta["hidden_size"], here["hidden_size"]),
+        ("num_layers", meta["num_layers"], here["num_layers"]),
+        ("num_tokens", saved.num_tokens, config.num_tokens),
+        ("bottleneck_size", saved.bottleneck_size, config.bottleneck_size),
+        ("degrees", tuple(saved.degrees), tuple(config.degrees)),
     ):
         if a != b:
             raise ValueError(
@@ -155,12 +141,12 @@ def check_metadata(model: IAPTModel, meta: dict[str, Any], where: str) -> IAPTCo
     return saved
 
 
-def _full_tensor(v: torch.Tensor) -> torch.Tensor:
+def full_tensor(v: torch.Tensor) -> torch.Tensor:
     full = getattr(v, "full_tensor", None)  # a DTensor (FSDP2 fully_shard): gather the whole parameter
     return full() if callable(full) else v
 
 
-def _rank0() -> bool:
+def rank0() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -176,71 +162,15 @@ def _write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_iapt(
-    model: nn.Module,
-    path: str | os.PathLike,
-    tenant: int | None = None,
-    *,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Save the generators of an :class:`IAPTModel` (or a DDP/FSDP-wrapped one) to directory ``path``.
-
-    Writes ``adapter_model.safetensors`` (the generators' state_dict, keys ``<layer>.<param>``) and
-    ``iapt_config.json`` (the :class:`IAPTConfig`, ``hidden_size``, ``num_layers`` and ``base_model``:
-    the backbone's ``model_type``, class, ``name_or_path``, hidden size and layer count). With
-    ``tenant=t`` on a multi-tenant model, saves only tenant ``t``, as a single-tenant adapter.
-    ``state_dict``: a full state dict of the :class:`IAPTModel` to take the generator weights from.
-
-    Under ``torch.distributed`` every rank must call it (FSDP gathers sharded parameters
-    collectively); only rank 0 writes.
-    """
+def write_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``state`` (keys ``<layer>.<param>``) and ``meta`` (:func:`adapter_metadata`) to ``path``."""
     from safetensors.torch import save
 
-    model = _unwrap(model)
-    if not isinstance(model, IAPTModel):
-        raise TypeError(f"save_iapt needs an IAPTModel (from apply_iapt), got {type(model).__name__}")
-    cfg = model.iapt_config
-    T = cfg.num_tenants
-    if state_dict is not None:  # e.g. the full state dict FSDP or a Trainer gathered
-        prefix = next((k[: k.index("generators.")] for k in state_dict if "generators." in k), None)
-        if prefix is None:
-            raise ValueError("the state_dict given to save_iapt holds no generators.* entries")
-        layers = [
-            {k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
-            for l, g in enumerate(model.generators)
-        ]
-    else:
-        layers = [g.state_dict() for g in model.generators]
-    untrained = _untrained(model)
-    if tenant is not None and T > 1:
-        _check_tenant(tenant, T)
-        # tenant t of every stacked (T, ...) parameter, in the single-tenant generator's shapes
-        shapes = {k: v.shape for k, v in model.generators[0].generator(0).state_dict().items()}
-        layers = [{k: _full_tensor(v)[tenant].reshape(shapes[k]) for k, v in sd.items()} for sd in layers]
-        out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
-        untrained, out_untrained = [t for t in untrained if t == tenant], [0] if tenant in untrained else []
-    else:
-        if tenant is not None:
-            _check_tenant(tenant, 1)
-        out_cfg = IAPTConfig.from_dict(cfg.to_dict())
-        out_untrained = untrained
-    if untrained and _rank0():
-        warnings.warn(
-            f"save_iapt: tenants {untrained} hold their initial random weights (neither trained nor "
-            f"loaded); the adapter records them under {UNTRAINED_KEY!r}, and load_iapt will not count "
-            "them as loaded",
-            UserWarning,
-            stacklevel=2,
-        )
-    state = {f"{l}.{k}": _full_tensor(v) for l, sd in enumerate(layers) for k, v in sd.items()}
-    if not _rank0():
-        return
     # clone: shared projections are the same tensor under several keys, which safetensors refuses
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     _write(os.path.join(path, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
-    meta = adapter_metadata(model, out_cfg, out_untrained)
     _write(os.path.join(path, CONFIG_NAME), (json.dumps(meta, indent=2) + "\n").encode())
 
 
@@ -259,7 +189,7 @@ def read_iapt_config(path: str | os.PathLike) -> tuple[IAPTConfig, dict[str, Any
         return _parse_config(meta, file), meta
     trainer = os.path.join(path, TRAINER_WEIGHTS_NAME)
     if os.path.isfile(trainer):
-        meta = decode_metadata(_open_safetensors(trainer, keys=[EXTRA_STATE_KEY])[EXTRA_STATE_KEY], trainer)
+        meta = decode_metadata(open_safetensors(trainer, keys=[EXTRA_STATE_KEY])[EXTRA_STATE_KEY], trainer)
         return _parse_config(meta, trainer), meta
     raise FileNotFoundError(
         f"no IAPT adapter at {path!r}: neither {CONFIG_NAME} (save_iapt, save_pretrained) nor "
@@ -267,7 +197,22 @@ def read_iapt_config(path: str | os.PathLike) -> tuple[IAPTConfig, dict[str, Any
     )
 
 
-def _open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[str, torch.Tensor]:
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], str, str]:
+    """``(state, file, where)`` of the adapter at ``path`` (whose config :func:`read_iapt_config`
+    read): the generator tensors keyed ``<layer>.<param>``, the file they come from, and the file
+    that holds the metadata, for errors."""
+    config_file = os.path.join(path, CONFIG_NAME)
+    if os.path.isfile(config_file):
+        file = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} is missing: the adapter at {path!r} has a config but no weights")
+        return open_safetensors(file), file, config_file
+    file = os.path.join(path, TRAINER_WEIGHTS_NAME)
+    state = {k[len("generators.") :]: v for k, v in open_safetensors(file, prefix="generators.").items()}
+    return state, file, file
+
+
+def open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (all, ``keys``, or those under ``prefix``); errors name the file."""
     from safetensors import safe_open
 
@@ -294,7 +239,8 @@ def _open_safetensors(file: str, keys=None, prefix: str | None = None) -> dict[s
         ) from None
 
 
-def _layer_states(state: dict[str, torch.Tensor], n: int, file: str) -> list[dict[str, torch.Tensor]]:
+def layer_states(state: dict[str, torch.Tensor], n: int, file: str) -> list[dict[str, torch.Tensor]]:
+    """``state`` (keys ``<layer>.<param>``) split into one state_dict per layer, all ``n`` present."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for k, v in state.items():
         l, _, rest = k.partition(".")
@@ -309,89 +255,32 @@ def _layer_states(state: dict[str, torch.Tensor], n: int, file: str) -> list[dic
     return out
 
 
-def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = None) -> IAPTModel:
-    """Load an adapter saved by :func:`save_iapt` into ``model``; returns the :class:`IAPTModel`.
-
-    ``path`` is a directory written by :func:`save_iapt` / :meth:`IAPTModel.save_pretrained`, or by
-    ``transformers.Trainer`` for an :class:`IAPTModel` (``save_model()``, ``checkpoint-N/``).
-    ``model`` is an :class:`IAPTModel`, or a bare causal LM (it is then wrapped with the saved
-    config). ``tenant`` names a tenant slot on the multi-tenant side: a single-tenant adapter loads
-    into tenant ``tenant`` of a multi-tenant model; tenant ``tenant`` of a multi-tenant adapter loads
-    into a single-tenant model (or into the same slot of a multi-tenant one). So a bare causal LM with
-    ``tenant=t`` and a multi-tenant adapter gives a single-tenant model holding tenant ``t``. Without
-    ``tenant``, adapter and model must have the same number of tenants. An adapter trained on another
-    base model (architecture, hidden size, layer count) is refused; every error names the file.
-
-    The loaded tenants count as ``"loaded"`` in :attr:`IAPTModel.tenant_weights`; the others of a
-    multi-tenant model keep what they held, and once one tenant is loaded, generating with a tenant
-    that holds neither loaded nor trained weights is an error. Tenants the adapter records as saved
-    untrained (``untrained_tenants``) stay ``"initial"``, and picking one with ``tenant=`` is refused.
-    """
-    path = os.fspath(path)
-    saved_cfg, meta = read_iapt_config(path)
-    config_file = os.path.join(path, CONFIG_NAME)
-    if os.path.isfile(config_file):
-        file = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} is missing: the adapter at {path!r} has a config but no weights")
-        state = _open_safetensors(file)
-    else:
-        file = os.path.join(path, TRAINER_WEIGHTS_NAME)
-        state = {k[len("generators.") :]: v for k, v in _open_safetensors(file, prefix="generators.").items()}
-    where = config_file if os.path.isfile(config_file) else file
-    Ts = saved_cfg.num_tenants
-    untrained = [t for t in meta.get(UNTRAINED_KEY, []) if isinstance(t, int) and 0 <= t < Ts]
-    if tenant is not None and tenant in untrained:
-        raise ValueError(
-            f"{where}: tenant {tenant} of this adapter was saved with its initial random weights "
-            f"(untrained_tenants {untrained}); pick a trained tenant"
-        )
-    model = _unwrap(model)
-    if not isinstance(model, IAPTModel):
-        if tenant is not None and Ts > 1:  # one tenant of a multi-tenant adapter: a single-tenant model
-            single = {**saved_cfg.to_dict(), "num_tenants": 1, "share_projections": False}
-            model = apply_iapt(model, IAPTConfig.from_dict(single))
-        else:
-            model = apply_iapt(model, saved_cfg)
-    cfg = model.iapt_config
-    check_metadata(model, meta, where)
-    layers = _layer_states(state, model.num_layers, file)
-    Tm = cfg.num_tenants
-    gens = model.generators
-    try:
-        _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant)
-    except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
-        raise ValueError(f"{file}: the weights do not fit the adapter's config ({exc})") from None
-    if tenant is None:
-        model._set_tenant_weights(range(Tm), "loaded")
-        model._set_tenant_weights(untrained, "initial")
-    elif Tm > 1:
-        model._set_tenant_weights([tenant], "initial" if Ts == 1 and untrained else "loaded")
-    return model
-
-
-def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
+def load_layers(gens, layers, saved_cfg: IAPTConfig, cfg: IAPTConfig, hidden_size: int, tenant) -> None:
+    """Load per-layer state dicts ``layers`` of an adapter with ``saved_cfg`` into generators
+    ``gens`` of a model with ``cfg``; ``tenant`` picks the slot on the multi-tenant side (see
+    :func:`load_iapt`)."""
+    Ts, Tm = saved_cfg.num_tenants, cfg.num_tenants
     if tenant is None:
         if Ts != Tm:
             raise ValueError(f"adapter has num_tenants={Ts}, the model {Tm}: pass tenant= to pick a slot")
         for g, sd in zip(gens, layers):
             g.load_state_dict(sd)
-        return model
+        return
     if Ts == 1 and Tm == 1:
-        _check_tenant(tenant, 1)
+        check_tenant(tenant, 1)
         for g, sd in zip(gens, layers):
             g.load_state_dict(sd)
     elif Ts == 1:
-        _check_tenant(tenant, Tm)
+        check_tenant(tenant, Tm)
         for g, sd in zip(gens, layers):
-            single = _new_generator(cfg, model.hidden_size)
+            single = new_generator(cfg, hidden_size)
             single.load_state_dict(sd)
             p0 = next(g.parameters())
-            _set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
+            set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
     else:
-        _check_tenant(tenant, Ts)
+        check_tenant(tenant, Ts)
         for g, sd in zip(gens, layers):
-            mt = _new_generator(saved_cfg, model.hidden_size, Ts)
+            mt = new_generator(saved_cfg, hidden_size, Ts)
             mt.load_state_dict(sd)
             single = mt.generator(tenant)
             p0 = next(g.parameters())
@@ -399,6 +288,5 @@ def _load_layers(model, gens, layers, saved_cfg, cfg, Ts, Tm, tenant):
             if Tm == 1:
                 g.load_state_dict(single.state_dict())
             else:
-                _check_tenant(tenant, Tm)
-                _set_tenant(g, tenant, single)
-    return model
+                check_tenant(tenant, Tm)
+                set_tenant(g, tenant, single)

@@ -257,7 +257,7 @@ def insert_prompt_slots(
     return out
 
 
-def _require(ok: torch.Tensor, message: str, explain=None) -> None:
+def require(ok: torch.Tensor, message: str, explain=None) -> None:
     """Raise ``ValueError(message)`` unless every element of the bool tensor ``ok`` is True.
 
     Eager: one host read per check, once per batch, and the message names the failing rows; on a
@@ -311,7 +311,7 @@ def slot_positions(
                 f"insert_prompt_slots(num_tokens={num_tokens}) or IAPTDataCollator(num_tokens={num_tokens})"
             )
 
-        _require(
+        require(
             counts == num_tokens,
             f"slot_mask must have exactly num_tokens={num_tokens} True positions per row",
             explain,
@@ -333,9 +333,71 @@ def slot_positions(
         first = torch.zeros_like(start)
     start = torch.where(has_instr, start, first)
     index = start[:, None] + torch.arange(num_tokens, device=device)
-    _require(
+    require(
         index < S,
         f"no room for {num_tokens} slot tokens after the instruction (sequence length {S}); lay "
         f"inputs out with insert_prompt_slots(num_tokens={num_tokens})",
     )
     return index
+
+
+def explain_slot_labels(L: int, input_ids, instruction_mask, labels, slot_index, at_slots, fix) -> str:
+    """What is wrong with a batch whose slot positions hold labels (read only on that failure).
+
+    Every one of the ``L`` slots labelled means the slots are there but labelled: with the
+    instruction labelled too, the labels are a copy of ``input_ids``. Otherwise some slot
+    position holds a response token: the row has fewer slot tokens than ``L``."""
+    bad = (at_slots != -100).any(1)
+    if input_ids is not None:
+        ids = input_ids.gather(1, slot_index)
+        slots_labelled = ((at_slots == ids).all(1) & (ids == ids[:, :1]).all(1))[bad]
+        if bool(slots_labelled.all()):
+            on_instruction = ((labels != -100) & instruction_mask).any(1)[bad]
+            if bool(on_instruction.all()):
+                return (
+                    "labels copy input_ids (labels = input_ids?): they are set on the instruction and "
+                    f"on the {L} slot tokens, whose hidden states IAPT replaces. IAPT labels are the "
+                    "response ids and -100 everywhere else: build them with insert_prompt_slots("
+                    "instruction_ids, response_ids, ...) or IAPTDataCollator"
+                )
+            return (
+                f"labels are set (not -100) on the {L} slot tokens after the instruction: IAPT "
+                "replaces those positions, so they can learn nothing. Set the slots' labels to -100, "
+                "as insert_prompt_slots does"
+            )
+    return (
+        f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens after "
+        f"the instruction, so the prompts would overwrite response tokens; {fix}"
+    )
+
+
+def check_unrecorded_slots(L: int, input_ids, slot_index, attended, labels, fix) -> None:
+    """A batch without ``slot_mask`` is checked as far as its tokens allow.
+
+    insert_prompt_slots writes one token id at every slot of a row: the ``L`` positions after the
+    instruction must hold one id (fewer slot tokens put real tokens there), and the next position
+    must not hold it again, unless it is a label or padding (more slot tokens would be read as real
+    tokens). A batch made by insert_prompt_slots or IAPTDataCollator carries ``slot_mask`` instead.
+    """
+    ids = input_ids.gather(1, slot_index)
+    first = ids[:, :1]
+    also = "or pass slot_mask (insert_prompt_slots returns it) when the slots hold different ids"
+    require(
+        (ids == first).all(1),
+        f"the {L} positions after the instruction do not hold one slot token id: the rows have fewer "
+        f"than {L} slot tokens (a batch laid out for a smaller num_tokens?); {fix}, {also}",
+    )
+    S = input_ids.shape[1]
+    after = slot_index[:, -1:] + 1
+    at = after.clamp(max=S - 1)
+    extra = (after < S) & (input_ids.gather(1, at) == first)
+    if attended is not None:
+        extra = extra & attended.gather(1, at)
+    if labels is not None:
+        extra = extra & (labels.gather(1, at) == -100)
+    require(
+        ~extra,
+        f"the token after the {L} slots is the slot token again: the rows have more than {L} slot "
+        f"tokens (a batch laid out for a larger num_tokens?), and the extra ones would be read as real "
+        f"tokens; {fix}, {also}",
+    )

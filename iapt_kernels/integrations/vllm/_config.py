@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...modules import MultiTenantPromptGenerator
-from ..io import CONFIG_NAME, WEIGHTS_NAME, _layer_states, _open_safetensors, _set_tenant, read_iapt_config
-from ..transformers import UNTRAINED_KEY, IAPTConfig, _generator_args, _new_generator
+from ..config import IAPTConfig, generator_args, new_generator
+from ..io import (
+    CONFIG_NAME,
+    UNTRAINED_KEY,
+    WEIGHTS_NAME,
+    layer_states,
+    open_safetensors,
+    read_iapt_config,
+    set_tenant,
+)
 
 # Keys of SamplingParams.extra_args (over HTTP: vllm_xargs) and of the model config.
 TENANT_KEY = "iapt_tenant"
@@ -137,7 +145,7 @@ def stacked_generators(
     T = len(tenants)
     # Stacked even for one tenant: the engine's slot writer runs the multi-tenant op for every batch.
     gens = [
-        MultiTenantPromptGenerator(T, *_generator_args(cfg, hidden_size), backend) for _ in range(num_layers)
+        MultiTenantPromptGenerator(T, *generator_args(cfg, hidden_size), backend) for _ in range(num_layers)
     ]
     cache: dict[str, tuple[IAPTConfig, list[dict]]] = {}
     for i, a in enumerate(tenants):
@@ -146,14 +154,14 @@ def stacked_generators(
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file} is missing: the adapter of tenant {a.name!r} has no weights")
             saved, _ = read_iapt_config(a.path)
-            cache[a.path] = (saved, _layer_states(_open_safetensors(file), num_layers, file))
+            cache[a.path] = (saved, layer_states(open_safetensors(file), num_layers, file))
         saved, layers = cache[a.path]
         for l, sd in enumerate(layers):
-            single = _new_generator(cfg, hidden_size, saved.num_tenants)
+            single = new_generator(cfg, hidden_size, saved.num_tenants)
             single.load_state_dict(sd)
             if saved.num_tenants > 1:
                 single = single.generator(a.tenant)
-            _set_tenant(gens[l], i, single)
+            set_tenant(gens[l], i, single)
     for g in gens:
         g.requires_grad_(False)
     return gens

@@ -1,4 +1,5 @@
-"""IAPT on Hugging Face ``transformers`` causal LMs, through one generic hook mechanism.
+"""IAPT on Hugging Face ``transformers`` causal LMs, through one generic hook mechanism: the model
+(:class:`IAPTModel`, :func:`apply_iapt`) and its adapter API (:func:`save_iapt`, :func:`load_iapt`).
 
 :func:`apply_iapt` finds the decoder layers of any causal LM by search (the ``nn.ModuleList`` of
 ``config.num_hidden_layers`` identical blocks), freezes the backbone and registers a forward
@@ -24,242 +25,45 @@ import inspect  # the backbone's forward signature (position_ids), not our own m
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import functional
 from .._validate import check_backend
-from ..functional import MAX_TOKENS
 from ..modules import MultiTenantPromptGenerator, PromptGenerator, Rational
-from ..tenants import TenantGroups
-from .slots import _require, slot_positions
+from .config import IAPTConfig, check_tokens_for_backend, new_generator
+from .hooks import (
+    SlotState,
+    build_groups,
+    call_start,
+    checkpointing,
+    every_tenant,
+    find_decoder_layers,
+    max_positions,
+    text_config,
+    without_slots,
+)
+from .io import (
+    CONFIG_NAME,
+    UNTRAINED_KEY,
+    WEIGHTS_NAME,
+    adapter_metadata,
+    base_model_info,
+    check_metadata,
+    check_tenant,
+    decode_metadata,
+    full_tensor,
+    layer_states,
+    load_layers,
+    rank0,
+    read_iapt_config,
+    read_weights,
+    write_adapter,
+)
+from .slots import check_unrecorded_slots, explain_slot_labels, require, slot_positions
 
-__all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers"]
-
-UNTRAINED_KEY = "untrained_tenants"  # adapter metadata: tenants saved with their initial weights
-
-
-@dataclass
-class IAPTConfig:
-    """Configuration of IAPT on a causal LM.
-
-    Attributes:
-        num_tokens: ``L``, soft tokens per layer (4 in the paper).
-        bottleneck_size: ``r``, the generator's bottleneck width.
-        degrees: ``(m, n)`` of the rational activation.
-        activation_init: function the rational activation starts as (``"gelu"``, ``"identity"``, ...).
-        version: rational activation version, ``"B"`` or ``"A"``.
-        share_projections: share the ``down``/``up`` projections across layers (pooling and
-            activation stay per layer).
-        num_tenants: ``1`` for one adapter; ``T > 1`` for a multi-tenant model where each request
-            picks its adapter with ``tenant_ids``.
-        backend: kernel backend of the generators, ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
-    """
-
-    num_tokens: int = 4
-    bottleneck_size: int = 256
-    degrees: tuple[int, int] = (5, 4)
-    activation_init: str = "gelu"
-    version: str = "B"
-    share_projections: bool = False
-    num_tenants: int = 1
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.degrees = tuple(int(x) for x in self.degrees)
-        for name in ("num_tokens", "bottleneck_size", "num_tenants"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"IAPTConfig.{name} must be a positive int, got {v!r}")
-        if len(self.degrees) != 2:
-            raise ValueError(f"IAPTConfig.degrees must be (m, n), got {self.degrees!r}")
-        if self.version not in ("A", "B"):
-            raise ValueError(f"IAPTConfig.version must be 'A' or 'B', got {self.version!r}")
-        try:
-            check_backend(self.backend)
-        except ValueError as exc:
-            raise ValueError(f"IAPTConfig.{exc}") from None
-        _check_tokens_for_backend(self.num_tokens, self.backend)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (``degrees`` as a list)."""
-        d = dataclasses.asdict(self)
-        d["degrees"] = list(self.degrees)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IAPTConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown IAPTConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-
-def _check_tokens_for_backend(num_tokens: int, backend: str) -> None:
-    # The fused kernels are compiled for L up to MAX_TOKENS: say so when the config is made, not at
-    # the first forward.
-    if backend != "reference" and num_tokens > MAX_TOKENS:
-        raise ValueError(
-            f"num_tokens={num_tokens} exceeds the {MAX_TOKENS} soft tokens the fused kernels support "
-            f"(backend={backend!r}): use num_tokens <= {MAX_TOKENS}, or backend='reference'"
-        )
-
-
-def _text_config(config):
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(name, layers)``: the decoder layers of ``model``, found by search.
-
-    The candidate is an ``nn.ModuleList`` of identically-typed blocks whose length equals
-    ``config.num_hidden_layers`` (the longest such list when the config does not say); the shallowest
-    one wins. Raises ``ValueError`` when none or several equally shallow ones are found.
-    """
-    config = getattr(model, "config", None)
-    n = getattr(_text_config(config), "num_hidden_layers", None) if config is not None else None
-    cands = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            kinds = {type(m) for m in mod}
-            if len(kinds) == 1 and not isinstance(mod[0], (nn.ModuleList, nn.ModuleDict)):
-                cands.append((name, mod))
-    if n is not None:
-        cands = [(name, m) for name, m in cands if len(m) == n]
-    elif cands:
-        longest = max(len(m) for _, m in cands)
-        cands = [(name, m) for name, m in cands if len(m) == longest]
-    if not cands:
-        raise ValueError(
-            f"no decoder layers found in {type(model).__name__}: expected an nn.ModuleList of "
-            f"{n if n is not None else 'N'} identical blocks (config.num_hidden_layers)"
-        )
-    depth = min(name.count(".") for name, _ in cands)
-    cands = [(name, m) for name, m in cands if name.count(".") == depth]
-    if len(cands) > 1:
-        raise ValueError(f"ambiguous decoder layers in {type(model).__name__}: {[c[0] for c in cands]}")
-    return cands[0]
-
-
-class _SlotState:
-    """What the layer hooks need for one backbone call: where the prompts go and whose they are."""
-
-    __slots__ = ("instruction_mask", "slot_index", "tenant_ids", "groups", "rows", "cols", "keep")
-
-    def __init__(self, instruction_mask, slot_index, tenant_ids, groups):
-        self.instruction_mask = instruction_mask
-        self.slot_index = slot_index
-        self.tenant_ids = tenant_ids
-        self.groups = groups
-        B, L = slot_index.shape
-        self.rows = torch.arange(B, device=slot_index.device)[:, None].expand(-1, L).reshape(-1)
-        self.cols = slot_index.reshape(-1)
-        # Rows of tenant -1 keep their hidden states. They are selected with `where`, not by indexing
-        # the kept rows out, so no shape depends on the data: no host sync, nothing for torch.compile
-        # to break on.
-        self.keep = None if tenant_ids is None else (tenant_ids >= 0).repeat_interleave(L)[:, None]
-
-    def expand(self, k: int, num_tenants: int) -> "_SlotState":
-        """The same state for a batch whose rows are each repeated ``k`` times (beams, samples)."""
-        t = None if self.tenant_ids is None else self.tenant_ids.repeat_interleave(k)
-        return _SlotState(
-            self.instruction_mask.repeat_interleave(k, 0),
-            self.slot_index.repeat_interleave(k, 0),
-            t,
-            _build_groups(t, num_tenants) if self.groups is not None else None,
-        )
-
-    def widen(self, q: int) -> "_SlotState":
-        """The same state for a call over the prompt followed by ``q - S`` generated tokens."""
-        B, S = self.instruction_mask.shape
-        if q == S:
-            return self
-        pad = self.instruction_mask.new_zeros((B, q - S))
-        return _SlotState(
-            torch.cat([self.instruction_mask, pad], 1), self.slot_index, self.tenant_ids, self.groups
-        )
-
-
-def _build_groups(tenant_ids, num_tenants):
-    if tenant_ids is None or num_tenants <= 1:
-        return None
-    # The ids were checked in-graph by IAPTModel._make_state: checking them again would sync the host.
-    return TenantGroups.from_valid_ids(tenant_ids, num_tenants)
-
-
-def _every_tenant(
-    gen: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, tenant_ids: torch.Tensor
-) -> torch.Tensor:
-    """``P (B, L, d)`` of a stacked multi-tenant generator, for code under ``torch.compile``.
-
-    Grouping requests by tenant (``TenantGroups``) makes shapes depend on the data, which a
-    ``fullgraph=True`` compile cannot trace. Here every tenant's generator runs on the whole batch
-    and each row keeps its own tenant's prompts (rows of tenant -1 get zeros): ``T`` times the
-    generator's work, static shapes, no host synchronisation. Gradients reach only the tenant of
-    each row. Eager mode keeps the grouped kernels.
-    """
-    F_ = functional
-    backend = gen.backend
-    out = None
-    for t in range(gen.num_tenants):
-        u = F_.attention_pool(
-            hidden, mask, gen.down.weight[t], gen.down.bias[t], gen.pool.weight[t], backend=backend
-        )
-        g = F_.rational(u, gen.act.numerator[t], gen.act.denominator[t], version=gen.version, backend=backend)
-        p = torch.nn.functional.linear(g, gen.up.weight[t], gen.up.bias[t])
-        out = torch.zeros_like(p) if out is None else out
-        out = torch.where((tenant_ids == t)[:, None, None], p, out)
-    return out
-
-
-def _cache_length(pkv) -> int:
-    if pkv is None:
-        return 0
-    get = getattr(pkv, "get_seq_length", None)
-    if callable(get):
-        return int(get())
-    try:  # legacy tuple-of-tuples cache
-        return int(pkv[0][0].shape[-2]) if len(pkv) else 0
-    except Exception:
-        return 0
-
-
-def _call_start(kwargs) -> int:
-    """The position a backbone call starts at: the length of the cache it is given (0 without one).
-
-    The cache's keyword differs across ``transformers`` versions (``past_key_values``, later ``cache``);
-    ``cache_position`` says it directly where it is passed.
-    """
-    for name in ("past_key_values", "cache", "past_key_value"):
-        if kwargs.get(name) is not None:
-            return _cache_length(kwargs[name])
-    cp = kwargs.get("cache_position")
-    if torch.is_tensor(cp) and cp.numel():
-        return int(cp.reshape(-1)[0])
-    return 0
-
-
-def _checkpointing(model) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-def _max_positions(config) -> int | None:
-    """The longest sequence the backbone's position embeddings cover (``None``: no stated limit)."""
-    tcfg = _text_config(config) if config is not None else None
-    for name in ("max_position_embeddings", "n_positions"):
-        v = getattr(tcfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+__all__ = ["IAPTConfig", "IAPTModel", "apply_iapt", "find_decoder_layers", "save_iapt", "load_iapt"]
 
 
 _PEFT_HOOKS = (
@@ -302,29 +106,6 @@ def _backbone_never_missing(module, incompatible_keys) -> None:
         T = module.iapt_config.num_tenants
         module._set_tenant_weights(range(T), "loaded")
         module._set_tenant_weights([t for t in untrained if 0 <= t < T], "initial")
-
-
-def _generator_args(config: IAPTConfig, hidden_size: int) -> tuple:
-    """The positional arguments a generator module takes for ``config`` (after the tenant count of a
-    multi-tenant one): the one place the config's fields map onto the modules' arguments."""
-    return (
-        hidden_size,
-        config.bottleneck_size,
-        config.num_tokens,
-        tuple(config.degrees),
-        config.activation_init,
-        config.version,
-    )
-
-
-def _new_generator(
-    config: IAPTConfig, hidden_size: int, num_tenants: int = 1, backend: str = "auto"
-) -> nn.Module:
-    """One layer's generator for ``config``: a :class:`PromptGenerator` for one tenant, else a
-    :class:`MultiTenantPromptGenerator` (wrapping and loading build through it)."""
-    if num_tenants == 1:
-        return PromptGenerator(*_generator_args(config, hidden_size), backend)
-    return MultiTenantPromptGenerator(num_tenants, *_generator_args(config, hidden_size), backend)
 
 
 class IAPTModel(nn.Module):
@@ -383,13 +164,13 @@ class IAPTModel(nn.Module):
         self.model = model
         self.iapt_config = config
         self._layer_name, layers = find_decoder_layers(model)
-        tcfg = _text_config(getattr(model, "config", None))
+        tcfg = text_config(getattr(model, "config", None))
         hidden = getattr(tcfg, "hidden_size", None)
         if hidden is None:
             raise ValueError(f"cannot find hidden_size in the config of {type(model).__name__}")
         self.hidden_size = int(hidden)
         self.num_layers = len(layers)
-        self.max_positions = _max_positions(getattr(model, "config", None))
+        self.max_positions = max_positions(getattr(model, "config", None))
         if self.max_positions is not None and config.num_tokens >= self.max_positions:
             raise ValueError(
                 f"num_tokens={config.num_tokens} leaves no room for an instruction in the "
@@ -412,9 +193,9 @@ class IAPTModel(nn.Module):
             self._position_ids_kw = "position_ids" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             self._position_ids_kw = False
-        self._state: _SlotState | None = None  # armed: layer hooks replace slots
+        self._state: SlotState | None = None  # armed: layer hooks replace slots
         self._calling = False  # inside forward's own backbone call
-        self._gen: _SlotState | None = None  # inside generate: the prompt's state
+        self._gen: SlotState | None = None  # inside generate: the prompt's state
         self._gen_states: dict = {}
         self._gen_applied = False
         self._disabled = False  # inside disable_adapter(): the bare backbone
@@ -435,7 +216,7 @@ class IAPTModel(nn.Module):
 
     # ----------------------------------------------------------------- construction
     def _make_generator(self, config: IAPTConfig) -> nn.Module:
-        return _new_generator(config, self.hidden_size, config.num_tenants, config.backend)
+        return new_generator(config, self.hidden_size, config.num_tenants, config.backend)
 
     def __getattr__(self, name: str):
         try:
@@ -511,7 +292,7 @@ class IAPTModel(nn.Module):
     def set_backend(self, backend: str) -> "IAPTModel":
         """Switch every generator (and its activation) to ``backend``; returns ``self``."""
         check_backend(backend)
-        _check_tokens_for_backend(self.iapt_config.num_tokens, backend)
+        check_tokens_for_backend(self.iapt_config.num_tokens, backend)
         for m in self.generators.modules():
             if isinstance(m, (PromptGenerator, MultiTenantPromptGenerator, Rational)):
                 m.backend = backend
@@ -551,8 +332,6 @@ class IAPTModel(nn.Module):
         ``is_main_process=False`` writes nothing. Other ``save_pretrained`` arguments of
         ``transformers`` (``safe_serialization``, ``max_shard_size``, ...) are accepted and ignored.
         """
-        from .io import save_iapt
-
         if is_main_process:
             save_iapt(self, save_directory, state_dict=state_dict)
 
@@ -568,8 +347,6 @@ class IAPTModel(nn.Module):
         such as ``revision`` or ``token`` passed on). The backbone is never downloaded here; load it
         with its own class.
         """
-        from .io import CONFIG_NAME, WEIGHTS_NAME, load_iapt
-
         if isinstance(model, (str, os.PathLike)) or path is None:
             raise TypeError(
                 "IAPTModel.from_pretrained(model, path) takes the backbone first, then the adapter "
@@ -613,17 +390,14 @@ class IAPTModel(nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The adapter metadata as a uint8 tensor of JSON (``state_dict`` key ``_extra_state``)."""
-        from .io import adapter_metadata
-
-        data = json.dumps(adapter_metadata(self), sort_keys=True).encode()
+        meta = adapter_metadata(self.iapt_config, _base_model(self), _untrained(self))
+        data = json.dumps(meta, sort_keys=True).encode()
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         """Check that metadata saved by :meth:`get_extra_state` fits this model (``load_state_dict``)."""
-        from .io import check_metadata, decode_metadata
-
         meta = decode_metadata(state, "the state_dict's _extra_state")
-        check_metadata(self, meta, "the state_dict")
+        check_metadata(meta, self.iapt_config, _base_model(self), "the state_dict")
         # Applied by _backbone_never_missing once the generators have loaded too.
         self._pending_untrained = list(meta.get(UNTRAINED_KEY, []))
 
@@ -656,13 +430,13 @@ class IAPTModel(nn.Module):
 
         return hook
 
-    def _replace(self, index: int, hidden: torch.Tensor, state: _SlotState) -> torch.Tensor:
+    def _replace(self, index: int, hidden: torch.Tensor, state: SlotState) -> torch.Tensor:
         gen = self.generators[index]
         p0 = next(gen.parameters())
         h = hidden if hidden.dtype == p0.dtype else hidden.to(p0.dtype)
         if self._mt_call:
             if torch.compiler.is_compiling():
-                prompts = _every_tenant(gen, h, state.instruction_mask, state.tenant_ids)
+                prompts = every_tenant(gen, h, state.instruction_mask, state.tenant_ids)
             elif state.groups is not None:  # built once per batch; no per-layer regrouping or id checks
                 prompts = gen(h, state.instruction_mask, groups=state.groups)
             else:
@@ -690,7 +464,7 @@ class IAPTModel(nn.Module):
             return None
         nb, q = ids.shape[0], ids.shape[1]
         B, S = base.instruction_mask.shape
-        past = _call_start(kwargs)
+        past = call_start(kwargs)
         if past >= S:  # a decode step: the prompts are in the cache already
             self._state = None
             return None
@@ -755,7 +529,7 @@ class IAPTModel(nn.Module):
             if tuple(attention_mask.shape) != shape:
                 raise ValueError(f"attention_mask must have shape {shape}, got {tuple(attention_mask.shape)}")
             attended = attention_mask.to(ref.device).bool()
-            _require(
+            require(
                 ~(instruction_mask & ~attended),
                 "instruction_mask is True on padding (attention_mask 0): were padded tokenizer outputs "
                 "passed as instructions? Build batches with insert_prompt_slots from unpadded ids",
@@ -767,7 +541,7 @@ class IAPTModel(nn.Module):
             tenant_ids = torch.as_tensor(tenant_ids, device=ref.device).long().reshape(-1)
             if tenant_ids.shape[0] != shape[0]:
                 raise ValueError(f"tenant_ids must have shape ({shape[0]},), got {tuple(tenant_ids.shape)}")
-            _require(
+            require(
                 (tenant_ids >= -1) & (tenant_ids < T), f"tenant_ids must be in [-1, {T}) (-1: no adapter)"
             )
         L = self.iapt_config.num_tokens
@@ -776,11 +550,11 @@ class IAPTModel(nn.Module):
         )
         fix = f"lay each row out as [instruction][{L} slot tokens][response] with insert_prompt_slots(num_tokens={L})"
         if slot_mask is not None:
-            _require(
+            require(
                 ~instruction_mask.gather(1, slot_index), f"slot_mask is True on instruction tokens; {fix}"
             )
         if attention_mask is not None:
-            _require(
+            require(
                 attended.gather(1, slot_index),
                 f"slot positions fall on padding (attention_mask 0): fewer than {L} slot tokens after the "
                 f"instruction? {fix}",
@@ -789,92 +563,31 @@ class IAPTModel(nn.Module):
         if has_labels:
             labels = labels.to(ref.device)
             at_slots = labels.gather(1, slot_index)
-            _require(
+            require(
                 at_slots == -100,
                 f"slot positions hold labels (not -100): either the labels are not IAPT labels or the rows "
                 f"have fewer than {L} slot tokens after the instruction; {fix}",
-                lambda: self._explain_slot_labels(
-                    input_ids, instruction_mask, labels, slot_index, at_slots, fix
+                lambda: explain_slot_labels(
+                    L, input_ids, instruction_mask, labels, slot_index, at_slots, fix
                 ),
             )
         if slot_mask is None and input_ids is not None:
-            self._check_unrecorded_slots(
+            check_unrecorded_slots(
+                L,
                 input_ids,
                 slot_index,
                 attended if attention_mask is not None else None,
                 labels if has_labels else None,
                 fix,
             )
-        # Grouping has data-dependent shapes; compiled code runs every tenant instead (_every_tenant).
-        groups = _build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
+        # Grouping has data-dependent shapes; compiled code runs every tenant instead (every_tenant).
+        groups = build_groups(tenant_ids, T) if not torch.compiler.is_compiling() else None
         if groups is not None:
             self._check_tenant_weights(groups.seg_tenant)
         elif T == 1 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             if self._tenant_weights[0] == "initial":
                 self._tenant_weights[0] = "trained"
-        return _SlotState(instruction_mask, slot_index, tenant_ids, groups)
-
-    def _explain_slot_labels(self, input_ids, instruction_mask, labels, slot_index, at_slots, fix) -> str:
-        """What is wrong with a batch whose slot positions hold labels (read only on that failure).
-
-        Every one of the ``L`` slots labelled means the slots are there but labelled: with the
-        instruction labelled too, the labels are a copy of ``input_ids``. Otherwise some slot
-        position holds a response token: the row has fewer slot tokens than ``L``."""
-        L = self.iapt_config.num_tokens
-        bad = (at_slots != -100).any(1)
-        if input_ids is not None:
-            ids = input_ids.gather(1, slot_index)
-            slots_labelled = ((at_slots == ids).all(1) & (ids == ids[:, :1]).all(1))[bad]
-            if bool(slots_labelled.all()):
-                on_instruction = ((labels != -100) & instruction_mask).any(1)[bad]
-                if bool(on_instruction.all()):
-                    return (
-                        "labels copy input_ids (labels = input_ids?): they are set on the instruction and "
-                        f"on the {L} slot tokens, whose hidden states IAPT replaces. IAPT labels are the "
-                        "response ids and -100 everywhere else: build them with insert_prompt_slots("
-                        "instruction_ids, response_ids, ...) or IAPTDataCollator"
-                    )
-                return (
-                    f"labels are set (not -100) on the {L} slot tokens after the instruction: IAPT "
-                    "replaces those positions, so they can learn nothing. Set the slots' labels to -100, "
-                    "as insert_prompt_slots does"
-                )
-        return (
-            f"slot positions hold labels (not -100): the rows have no or fewer than {L} slot tokens after "
-            f"the instruction, so the prompts would overwrite response tokens; {fix}"
-        )
-
-    def _check_unrecorded_slots(self, input_ids, slot_index, attended, labels, fix) -> None:
-        """A batch without ``slot_mask`` is checked as far as its tokens allow.
-
-        insert_prompt_slots writes one token id at every slot of a row: the ``L`` positions after the
-        instruction must hold one id (fewer slot tokens put real tokens there), and the next position
-        must not hold it again, unless it is a label or padding (more slot tokens would be read as real
-        tokens). A batch made by insert_prompt_slots or IAPTDataCollator carries ``slot_mask`` instead.
-        """
-        L = self.iapt_config.num_tokens
-        ids = input_ids.gather(1, slot_index)
-        first = ids[:, :1]
-        also = "or pass slot_mask (insert_prompt_slots returns it) when the slots hold different ids"
-        _require(
-            (ids == first).all(1),
-            f"the {L} positions after the instruction do not hold one slot token id: the rows have fewer "
-            f"than {L} slot tokens (a batch laid out for a smaller num_tokens?); {fix}, {also}",
-        )
-        S = input_ids.shape[1]
-        after = slot_index[:, -1:] + 1
-        at = after.clamp(max=S - 1)
-        extra = (after < S) & (input_ids.gather(1, at) == first)
-        if attended is not None:
-            extra = extra & attended.gather(1, at)
-        if labels is not None:
-            extra = extra & (labels.gather(1, at) == -100)
-        _require(
-            ~extra,
-            f"the token after the {L} slots is the slot token again: the rows have more than {L} slot "
-            f"tokens (a batch laid out for a larger num_tokens?), and the extra ones would be read as real "
-            f"tokens; {fix}, {also}",
-        )
+        return SlotState(instruction_mask, slot_index, tenant_ids, groups)
 
     def _check_tenant_weights(self, present: torch.Tensor) -> None:
         """Record the tenants a training call uses; refuse (or warn about) tenants without weights.
@@ -931,36 +644,6 @@ class IAPTModel(nn.Module):
         first = torch.where(att, ar, torch.full_like(ar, S)).amin(1, keepdim=True)
         kwargs["position_ids"] = (ar - first).clamp(min=0)
 
-    def _without_slots(self, free, input_ids, attention_mask, inputs_embeds, state):
-        """Move the slot tokens of rows ``free`` (tenant -1) into their left padding (generate).
-
-        The slots need not end the row: a response prefix after them (insert_prompt_slots,
-        ``response_prefix_ids``) keeps its place after the instruction."""
-        B, S = state.instruction_mask.shape
-        L = self.iapt_config.num_tokens
-        device = state.slot_index.device
-        if attention_mask is None:
-            attention_mask = torch.ones((B, S), dtype=torch.long, device=device)
-        pos = torch.arange(S, device=device).expand(B, S)
-        is_slot = torch.zeros((B, S), dtype=torch.bool, device=device).scatter(1, state.slot_index, True)
-        # Slots first, then every other position in its order; rows with an adapter stay as they are.
-        key = torch.where(is_slot & free[:, None], pos - S, pos)
-        perm = key.argsort(dim=1)  # keys are distinct: the order is fully determined
-
-        def move(x):
-            index = perm.view(B, S, *([1] * (x.dim() - 2))).expand_as(x)
-            return x.gather(1, index)
-
-        attention_mask = move(attention_mask).clone()
-        attention_mask[free, :L] = 0
-        state = _SlotState(move(state.instruction_mask), state.slot_index, state.tenant_ids, state.groups)
-        return (
-            None if input_ids is None else move(input_ids),
-            attention_mask,
-            None if inputs_embeds is None else move(inputs_embeds),
-            state,
-        )
-
     # ----------------------------------------------------------------- public
     def forward(
         self,
@@ -1004,7 +687,7 @@ class IAPTModel(nn.Module):
             # Gradient checkpointing re-runs the layers (and so their hooks) during backward: keep the
             # slot state until the next call so the recomputation sees the same prompts. The backbone
             # pre-hook drops it if the backbone is then called directly.
-            keep = torch.is_grad_enabled() and self.model.training and _checkpointing(self.model)
+            keep = torch.is_grad_enabled() and self.model.training and checkpointing(self.model)
             return out
         finally:
             self._calling = False
@@ -1057,8 +740,8 @@ class IAPTModel(nn.Module):
         if state.tenant_ids is not None:
             free = state.tenant_ids < 0
             if bool(free.any()):
-                input_ids, attention_mask, inputs_embeds, state = self._without_slots(
-                    free, input_ids, attention_mask, inputs_embeds, state
+                input_ids, attention_mask, inputs_embeds, state = without_slots(
+                    self.iapt_config.num_tokens, free, input_ids, attention_mask, inputs_embeds, state
                 )
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds
@@ -1102,3 +785,134 @@ def apply_iapt(model: nn.Module, config: IAPTConfig | None = None, **overrides) 
     else:
         config = dataclasses.replace(config)
     return IAPTModel(model, config)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while (
+        not isinstance(model, IAPTModel) and hasattr(model, "module") and isinstance(model.module, nn.Module)
+    ):
+        model = model.module  # DistributedDataParallel, DataParallel
+    return model
+
+
+def _base_model(model: IAPTModel) -> dict[str, Any]:
+    return base_model_info(model.model, model.hidden_size, model.num_layers)
+
+
+def _untrained(model: IAPTModel) -> list[int]:
+    """The tenants of a multi-tenant ``model`` that still hold their initial random weights."""
+    if model.iapt_config.num_tenants == 1:
+        return []
+    return [t for t, how in enumerate(model.tenant_weights) if how == "initial"]
+
+
+def save_iapt(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tenant: int | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save the generators of an :class:`IAPTModel` (or a DDP/FSDP-wrapped one) to directory ``path``.
+
+    Writes ``adapter_model.safetensors`` (the generators' state_dict, keys ``<layer>.<param>``) and
+    ``iapt_config.json`` (the :class:`IAPTConfig`, ``hidden_size``, ``num_layers`` and ``base_model``:
+    the backbone's ``model_type``, class, ``name_or_path``, hidden size and layer count). With
+    ``tenant=t`` on a multi-tenant model, saves only tenant ``t``, as a single-tenant adapter.
+    ``state_dict``: a full state dict of the :class:`IAPTModel` to take the generator weights from.
+
+    Under ``torch.distributed`` every rank must call it (FSDP gathers sharded parameters
+    collectively); only rank 0 writes.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, IAPTModel):
+        raise TypeError(f"save_iapt needs an IAPTModel (from apply_iapt), got {type(model).__name__}")
+    cfg = model.iapt_config
+    T = cfg.num_tenants
+    if state_dict is not None:  # e.g. the full state dict FSDP or a Trainer gathered
+        prefix = next((k[: k.index("generators.")] for k in state_dict if "generators." in k), None)
+        if prefix is None:
+            raise ValueError("the state_dict given to save_iapt holds no generators.* entries")
+        layers = [
+            {k: state_dict[f"{prefix}generators.{l}.{k}"] for k in g.state_dict()}
+            for l, g in enumerate(model.generators)
+        ]
+    else:
+        layers = [g.state_dict() for g in model.generators]
+    untrained = _untrained(model)
+    if tenant is not None and T > 1:
+        check_tenant(tenant, T)
+        # tenant t of every stacked (T, ...) parameter, in the single-tenant generator's shapes
+        shapes = {k: v.shape for k, v in model.generators[0].generator(0).state_dict().items()}
+        layers = [{k: full_tensor(v)[tenant].reshape(shapes[k]) for k, v in sd.items()} for sd in layers]
+        out_cfg = IAPTConfig.from_dict({**cfg.to_dict(), "num_tenants": 1, "share_projections": False})
+        untrained, out_untrained = [t for t in untrained if t == tenant], [0] if tenant in untrained else []
+    else:
+        if tenant is not None:
+            check_tenant(tenant, 1)
+        out_cfg = IAPTConfig.from_dict(cfg.to_dict())
+        out_untrained = untrained
+    if untrained and rank0():
+        warnings.warn(
+            f"save_iapt: tenants {untrained} hold their initial random weights (neither trained nor "
+            f"loaded); the adapter records them under {UNTRAINED_KEY!r}, and load_iapt will not count "
+            "them as loaded",
+            UserWarning,
+            stacklevel=2,
+        )
+    state = {f"{l}.{k}": full_tensor(v) for l, sd in enumerate(layers) for k, v in sd.items()}
+    if not rank0():
+        return
+    meta = adapter_metadata(out_cfg, _base_model(model), out_untrained)
+    write_adapter(path, state, meta)
+
+
+def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = None) -> IAPTModel:
+    """Load an adapter saved by :func:`save_iapt` into ``model``; returns the :class:`IAPTModel`.
+
+    ``path`` is a directory written by :func:`save_iapt` / :meth:`IAPTModel.save_pretrained`, or by
+    ``transformers.Trainer`` for an :class:`IAPTModel` (``save_model()``, ``checkpoint-N/``).
+    ``model`` is an :class:`IAPTModel`, or a bare causal LM (it is then wrapped with the saved
+    config). ``tenant`` names a tenant slot on the multi-tenant side: a single-tenant adapter loads
+    into tenant ``tenant`` of a multi-tenant model; tenant ``tenant`` of a multi-tenant adapter loads
+    into a single-tenant model (or into the same slot of a multi-tenant one). So a bare causal LM with
+    ``tenant=t`` and a multi-tenant adapter gives a single-tenant model holding tenant ``t``. Without
+    ``tenant``, adapter and model must have the same number of tenants. An adapter trained on another
+    base model (architecture, hidden size, layer count) is refused; every error names the file.
+
+    The loaded tenants count as ``"loaded"`` in :attr:`IAPTModel.tenant_weights`; the others of a
+    multi-tenant model keep what they held, and once one tenant is loaded, generating with a tenant
+    that holds neither loaded nor trained weights is an error. Tenants the adapter records as saved
+    untrained (``untrained_tenants``) stay ``"initial"``, and picking one with ``tenant=`` is refused.
+    """
+    path = os.fspath(path)
+    saved_cfg, meta = read_iapt_config(path)
+    state, file, where = read_weights(path)
+    Ts = saved_cfg.num_tenants
+    untrained = [t for t in meta.get(UNTRAINED_KEY, []) if isinstance(t, int) and 0 <= t < Ts]
+    if tenant is not None and tenant in untrained:
+        raise ValueError(
+            f"{where}: tenant {tenant} of this adapter was saved with its initial random weights "
+            f"(untrained_tenants {untrained}); pick a trained tenant"
+        )
+    model = _unwrap(model)
+    if not isinstance(model, IAPTModel):
+        if tenant is not None and Ts > 1:  # one tenant of a multi-tenant adapter: a single-tenant model
+            single = {**saved_cfg.to_dict(), "num_tenants": 1, "share_projections": False}
+            model = apply_iapt(model, IAPTConfig.from_dict(single))
+        else:
+            model = apply_iapt(model, saved_cfg)
+    cfg = model.iapt_config
+    check_metadata(meta, cfg, _base_model(model), where)
+    layers = layer_states(state, model.num_layers, file)
+    Tm = cfg.num_tenants
+    try:
+        load_layers(model.generators, layers, saved_cfg, cfg, model.hidden_size, tenant)
+    except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
+        raise ValueError(f"{file}: the weights do not fit the adapter's config ({exc})") from None
+    if tenant is None:
+        model._set_tenant_weights(range(Tm), "loaded")
+        model._set_tenant_weights(untrained, "initial")
+    elif Tm > 1:
+        model._set_tenant_weights([tenant], "initial" if Ts == 1 and untrained else "loaded")
+    return model
