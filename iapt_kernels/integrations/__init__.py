@@ -1,8 +1,10 @@
 """Wiring of IAPT into Hugging Face ``transformers`` causal LMs: prompt slots, per-layer hooks,
-multi-tenant generation, save/load, a Trainer data collator (docs/design.md sections 1 and 4).
+multi-tenant generation, save/load, a Trainer data collator (docs/design.md sections 1 and 9).
 
 ``transformers`` is not imported here: the hooks are plain PyTorch, so any causal LM whose decoder
-layers form an ``nn.ModuleList`` works; ``safetensors`` is imported by save/load only.
+layers form an ``nn.ModuleList`` works; ``safetensors`` is imported by save/load only. The modules
+import one way, ``slots`` < ``config`` < ``hooks`` < ``io`` < ``collator`` < ``model`` < ``vllm``
+(docs/design.md section 9, "Module layout").
 """
 
 from .collator import IAPTDataCollator
