@@ -66,19 +66,19 @@ def test_kernel_layer_says_what_is_missing_without_triton():
     assert out.returncode == 0 and "ImportError" in out.stdout and "triton" in out.stdout, out.stderr
 
 
-def _module_name(path: pathlib.Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: pathlib.Path, root: pathlib.Path = PACKAGE.parent) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 MODULES = {_module_name(f): f for f in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _imports(path: pathlib.Path):
+def _imports(path: pathlib.Path, root: pathlib.Path = PACKAGE.parent, modules=MODULES):
     """(module imported, inside a function?) for every import of `path`, relative ones resolved.
 
     ``from X import y`` names ``X.y`` when that is a module of the package, else ``X``."""
-    name = _module_name(path)
+    name = _module_name(path, root)
     pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     tree = ast.parse(path.read_text())
     found = []
@@ -93,7 +93,7 @@ def _imports(path: pathlib.Path):
                 source = ".".join(p for p in (base, child.module) if p)
                 for a in child.names:
                     sub = f"{source}.{a.name}"
-                    found.append((sub if sub in MODULES else source, in_function))
+                    found.append((sub if sub in modules else source, in_function))
             visit(child, inner)
 
     visit(tree, False)
@@ -204,20 +204,30 @@ INTEGRATION_FLOORS = ("slots", "config", "hooks", "io", "collator", "model", "vl
 
 def test_integrations_import_one_way():
     prefix = "iapt_kernels.integrations."
-    floor = {name: i for i, name in enumerate(INTEGRATION_FLOORS)}
     graph = _import_graph()
-    for mod in graph:
-        if not mod.startswith(prefix):
-            continue
-        here = mod[len(prefix) :].split(".")[0]
-        assert here in floor, f"{mod} is not placed in INTEGRATION_FLOORS"
-        above = [
-            m
-            for m in graph[mod]
-            if m.startswith(prefix) and m[len(prefix) :].split(".")[0] != here
-            if floor[m[len(prefix) :].split(".")[0]] > floor[here]
-        ]
+    inside = sorted(m for m in graph if m.startswith(prefix))
+    level = {m: m[len(prefix) :].split(".")[0] for m in inside}
+    unplaced = sorted({name for name in level.values() if name not in INTEGRATION_FLOORS})
+    assert not unplaced, f"integrations modules {unplaced} are not placed in INTEGRATION_FLOORS"
+    floor = {m: INTEGRATION_FLOORS.index(name) for m, name in level.items()}
+    for mod in inside:
+        above = sorted(m for m in graph[mod] if m in floor and floor[m] > floor[mod])
         assert not above, f"{mod} imports {above}, above it in INTEGRATION_FLOORS"
+
+
+def test_imports_inside_functions_are_resolved(tmp_path):
+    pkg = tmp_path / "iapt_kernels" / "sub"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text(
+        "import torch\nfrom . import b\n\n\ndef f():\n    from ..c import x\n    from . import d\n"
+    )
+    mods = {"iapt_kernels.sub.b", "iapt_kernels.c", "iapt_kernels.sub.d"}
+    assert _imports(pkg / "a.py", tmp_path, mods) == [
+        ("torch", False),
+        ("iapt_kernels.sub.b", False),
+        ("iapt_kernels.c", True),
+        ("iapt_kernels.sub.d", True),
+    ]
 
 
 def test_cycle_finder():
