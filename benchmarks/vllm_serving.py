@@ -140,7 +140,7 @@ def main(argv=None):
         if backbone == "tiny":
             model_dir = tiny_llama(os.path.join(root, "model"))
         else:
-            from iapt_kernels.bench.real_task_data import load_smollm2
+            from benchmarks.real_task_data import load_smollm2
 
             model_dir = load_smollm2(
                 cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "iapt_kernels", "vllm-bench")
