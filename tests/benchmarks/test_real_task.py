@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")  # save_tiny_model's byte-level tokenizer
 
 import iapt_kernels as ik  # noqa: E402
 from benchmarks import real_task as rt  # noqa: E402
