@@ -1,22 +1,23 @@
-"""pytest-benchmark suite: the same cases as `iapt-bench` (iapt_kernels.bench.default_cases).
+"""pytest-benchmark suite: the same cases as the report, `python -m benchmarks` (`cases.default_cases`).
 
     python -m pytest benchmarks --benchmark-only
 
 Each case is timed for the copy baseline and every implementation: the eager reference,
 `torch.compile(reference)` and the fused backend of this device (C++ on CPU, Triton on CUDA). The ops:
 rational, attention_pool, generator and multi_tenant_generator; the end-to-end serving comparison and the GPU
-cost model are `iapt-bench` only.
+cost model are the report's only.
 """
 
 import pytest
 import torch
 
-from iapt_kernels.bench import configure_compile, configure_malloc, default_cases
+from benchmarks.cases import configure_compile, default_cases
+from benchmarks.cli import configure_malloc
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 configure_compile()
 if DEVICE == "cpu":
-    configure_malloc("reuse")  # as `iapt-bench` does by default
+    configure_malloc("reuse")  # as `python -m benchmarks` does by default
 CASES = default_cases(DEVICE)
 PARAMS = [
     pytest.param(case, impl, id=f"{case.label}-{impl}") for case in CASES for impl in ["copy", *case.impls]

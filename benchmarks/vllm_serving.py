@@ -1,6 +1,6 @@
 """IAPT vs vLLM's own multi-LoRA vs the bare backbone, served by one vLLM engine each (issue 19).
 
-    .venv-vllm/bin/python benchmarks/vllm_serving.py --out bench-out/vllm
+    .venv-vllm/bin/python -m benchmarks.vllm_serving --out bench-out/vllm      # from the repository root
 
 Same engine settings for all three (fp32, eager, chunked prefill and prefix caching off, which IAPT
 needs; ``max_num_seqs`` = the concurrency), same backbone, same prompts. Each tenant's adapter has the
@@ -140,7 +140,7 @@ def main(argv=None):
         if backbone == "tiny":
             model_dir = tiny_llama(os.path.join(root, "model"))
         else:
-            from iapt_kernels.bench.real_task_data import load_smollm2
+            from benchmarks.real_task_data import load_smollm2
 
             model_dir = load_smollm2(
                 cache_dir=os.path.join(os.path.expanduser("~"), ".cache", "iapt_kernels", "vllm-bench")

@@ -30,84 +30,9 @@ import torch
 
 import iapt_kernels as ik
 from iapt_kernels.integrations.collator import RESPONSE_TEXT_KEYS
+from iapt_kernels.testing import SyntheticTask, tiny_llama
 
-__all__ = ["main", "SyntheticTask", "tiny_llama", "load_demo", "exact_match"]
-
-HELD_OUT_SEED = (
-    10_000  # the held-out examples' RNG seed: never a training seed (those are seed * 1000 + rank)
-)
-
-
-class SyntheticTask:
-    """The largest or the smallest digit of a digit string, as the instruction says.
-
-    Instruction ``<s> max 3 9 4`` -> response ``9 </s>``; ``<s> min 3 9 4`` -> ``3 </s>``. The answer
-    depends on the instruction's op and digits, so the soft prompts must depend on the instruction:
-    what IAPT's generators are for. Ids: 0 pad, 1 bos, 2 eos, 3 slot, 4 ``max``, 5 ``min``,
-    6..15 the digits ``0``-``9`` (no tokenizer needed).
-    """
-
-    PAD, BOS, EOS, SLOT, MAX, MIN, DIGIT0 = 0, 1, 2, 3, 4, 5, 6
-    vocab_size = 16
-
-    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
-        self.min_len, self.max_len = min_len, max_len
-
-    def sample(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        """One ``(instruction_ids, response_ids)`` pair."""
-        n = rng.randint(self.min_len, self.max_len)
-        digits = [rng.randrange(10) for _ in range(n)]
-        op = rng.choice((self.MAX, self.MIN))
-        answer = max(digits) if op == self.MAX else min(digits)
-        return [self.BOS, op] + [self.DIGIT0 + d for d in digits], [self.DIGIT0 + answer, self.EOS]
-
-    def held_out(self, n: int) -> list[tuple[list[int], list[int]]]:
-        """``n`` examples drawn with :data:`HELD_OUT_SEED`, which no training run uses."""
-        rng = random.Random(HELD_OUT_SEED)
-        return [self.sample(rng) for _ in range(n)]
-
-    def decode(self, ids) -> str:
-        names = {
-            self.PAD: "",
-            self.BOS: "<s>",
-            self.EOS: "</s>",
-            self.SLOT: "_",
-            self.MAX: "max",
-            self.MIN: "min",
-        }
-        return " ".join(names.get(int(i), str(int(i) - self.DIGIT0)) for i in ids if int(i) != self.PAD)
-
-    def to_dict(self) -> dict:
-        return {"task": "max_min_digit", "min_len": self.min_len, "max_len": self.max_len}
-
-
-def tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.2, **config):
-    """A tiny randomly initialised ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads, the synthetic
-    task's special tokens); ``config`` overrides any ``LlamaConfig`` field (the serving benchmark and the
-    tests build their models here too).
-
-    Weights are drawn with std ``initializer_range`` = 0.2, not Hugging Face's 0.02: with 0.02 the frozen
-    output head of a random model gives near-uniform logits whatever the soft prompts do, so the loss
-    could hardly fall even when every answer is right.
-    """
-    import transformers
-
-    torch.manual_seed(seed)
-    fields = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        bos_token_id=SyntheticTask.BOS,
-        eos_token_id=SyntheticTask.EOS,
-        pad_token_id=SyntheticTask.PAD,
-        initializer_range=initializer_range,
-    )
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config}))
-
+__all__ = ["main", "load_demo", "exact_match"]
 
 DEFAULTS = {
     "steps": 1000,
@@ -182,7 +107,11 @@ def _parse(argv):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="log the loss at the first and the last step only (default: every --log-every steps too)",
+    )
     return p.parse_args(argv)
 
 
@@ -275,8 +204,6 @@ def _score(iapt, task, n, num_tokens, log):
 def main(argv=None) -> float | None:
     """Command-line entry point (see the module docstring). Returns the held-out exact match of the
     synthetic task (``None`` with ``--data``)."""
-    from tqdm.auto import tqdm
-
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.evaluate:
         iapt, task = load_demo(args.evaluate, args.device)
@@ -368,9 +295,8 @@ def main(argv=None) -> float | None:
     opt = torch.optim.AdamW(iapt.param_groups(args.lr, args.lr_up_ratio), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.steps, 1))
     iapt.train()
-    bar = tqdm(range(args.steps), desc="iapt", disable=args.no_progress or not main_proc, dynamic_ncols=True)
     t0, running = time.time(), None
-    for step in bar:
+    for step in range(args.steps):
         ex = [sample() for _ in range(args.batch_size)]
         batch = ik.insert_prompt_slots(
             [e[0] for e in ex],
@@ -395,14 +321,9 @@ def main(argv=None) -> float | None:
             lv /= world
         lv = lv.item()
         running = lv if running is None else 0.9 * running + 0.1 * lv
-        bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
-            msg = f"step {step + 1}/{args.steps}  loss {lv:.4f}  (avg {running:.4f})  {time.time() - t0:.1f}s"
-            if bar.disable:
-                log(msg)
-            else:
-                bar.write(msg)
-    bar.close()
+        periodic = not args.no_progress and (step + 1) % args.log_every == 0
+        if periodic or step == 0 or step + 1 == args.steps:
+            log(f"step {step + 1}/{args.steps}  loss {lv:.4f}  (avg {running:.4f})  {time.time() - t0:.1f}s")
     score = None
     ik.save_iapt(iapt, args.out)  # every rank (sharded models gather); rank 0 writes
     if main_proc:

@@ -136,7 +136,12 @@ def floor_bytes(case) -> float:
 
 def timing_cases(device, smoke):
     """(label, cases) groups: the default shapes in bf16 and fp32, and one large pool shape in bf16."""
-    from iapt_kernels.bench import cases as bc
+    # The benchmark cases live in the checkout's top-level benchmarks/, which no wheel installs; run as
+    # `python scripts/gpu_check.py`, this script sees scripts/ on sys.path, not the checkout.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import cases as bc
 
     if smoke:
         triton = ["triton"]  # the interpreter, so the Triton launch path is what the smoke run times
@@ -226,7 +231,7 @@ def _batches(steps, batch_size, seed):
     import random
 
     from iapt_kernels.integrations.slots import insert_prompt_slots
-    from iapt_kernels.train import SyntheticTask
+    from iapt_kernels.testing import SyntheticTask
 
     task, rng = SyntheticTask(), random.Random(seed)
     out = []
@@ -246,7 +251,7 @@ def _batches(steps, batch_size, seed):
 
 def train_losses(backend, dtype, device, steps, batches, used=None):
     import iapt_kernels as ik
-    from iapt_kernels.train import SyntheticTask, tiny_llama
+    from iapt_kernels.testing import SyntheticTask, tiny_llama
 
     # HF's init (std 0.02), as tests/test_convergence.py: the demo's 0.2 is chaotic under AdamW.
     model = tiny_llama(SyntheticTask.vocab_size, seed=0, initializer_range=0.02).to(
@@ -301,7 +306,7 @@ def run_train(dtype, device, smoke, fused):
 
 def run_generate(device, smoke, fused):
     import iapt_kernels as ik
-    from iapt_kernels.train import SyntheticTask, tiny_llama
+    from iapt_kernels.testing import SyntheticTask, tiny_llama
 
     task = SyntheticTask()
     model = tiny_llama(task.vocab_size, seed=0).to(device).eval()

@@ -23,7 +23,7 @@ import iapt_kernels as ik
 
 transformers = pytest.importorskip("transformers")
 
-from iapt_kernels.train import tiny_llama  # noqa: E402  (needs transformers)
+from iapt_kernels.testing import tiny_llama  # noqa: E402  (needs transformers)
 
 STEPS, L, R, VOCAB, BATCH, NUM_BATCHES = 32, 4, 16, 32, 6, 4
 SLOT, PAD = 3, 0

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of the Hugging Face layer (docs/design.md section 9) on a tiny Llama
-(`iapt_kernels.train.tiny_llama`): drawn instruction, response and prefix lengths, padding and
+(`iapt_kernels.testing.tiny_llama`): drawn instruction, response and prefix lengths, padding and
 truncation sides, tenant mixes (tenant -1 included), `use_cache` on and off.
 
 - ``layout``: `insert_prompt_slots` lays every row out as ``[instruction][L slots][prefix][response]``
@@ -36,7 +36,7 @@ from iapt_kernels.integrations import slot_positions
 
 transformers = pytest.importorskip("transformers")
 
-from iapt_kernels.train import tiny_llama  # noqa: E402
+from iapt_kernels.testing import tiny_llama  # noqa: E402
 
 VOCAB, PAD, SLOT_ID, MAX_POS = 48, 0, 3, 128
 TOKENS = st.integers(4, VOCAB - 1)

@@ -13,7 +13,7 @@ from helpers import rel_err
 from test_integration import HAS_MT, INSTR, RESP, L, batch, tiny_model, wrap
 
 import iapt_kernels as ik
-from iapt_kernels.train import tiny_llama
+from iapt_kernels.testing import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

@@ -3,7 +3,8 @@ a real token, not at a slot. With ``[instruction][slots][response]`` it is predi
 whose hidden state IAPT overwrites before every layer, so the prediction sees the instruction only
 through the last layer: on SmolLM2/BBC News that layout left IAPT near the label prior. These tests pin
 the layout that avoids it, in every path a user takes (insert_prompt_slots, the collator, generate with
-and without an adapter, train.py, the real-task benchmark), and the warning for the trap itself."""
+and without an adapter, train.py; the real-task benchmark's in tests/benchmarks/test_real_task.py),
+and the warning for the trap itself."""
 
 import warnings
 
@@ -137,33 +138,11 @@ def test_collator_takes_the_prefix_as_text_or_ids():
         ik.IAPTDataCollator(num_tokens=2, pad_token_id=0, response_prefix="Answer:")
 
 
-def test_real_task_cue_follows_the_slots():
-    """iapt-real-task: every method sees instruction + cue + label; IAPT's slots sit before the cue."""
-    pytest.importorskip("peft")
-    from iapt_kernels.bench import real_task as rt
-
-    cue = [30, 31]
-    rows = [(ins, resp, "x", cue) for ins, resp in zip(INSTR, RESP)]
-    iapt = rt._Method.__new__(rt._Method)
-    iapt.slots, iapt.pad_id = L, 0
-    b = iapt._layout(rows, True, "right")
-    plain = rt._Method.__new__(rt._Method)
-    plain.slots, plain.pad_id = 0, 0
-    p = plain._layout(rows, True, "right")
-    for i, (ins, resp) in enumerate(zip(INSTR, RESP)):
-        n = len(ins)
-        assert b["input_ids"][i, : n + L + 2].tolist()[-2:] == cue
-        assert p["input_ids"][i, : n + 2 + len(resp)].tolist() == ins + cue + resp
-        first = (b["labels"][i] != -100).nonzero()[0].item()
-        assert first - 1 == n + L + 1  # the cue's last token predicts the label
-
-
 def test_train_cli_puts_a_newline_after_the_slots_for_a_pretrained_model(tmp_path, monkeypatch):
     """python -m iapt_kernels.train --model: the response prefix is on by default ("\\n"), off with ''."""
     pytest.importorskip("tokenizers")
-    from test_real_task import save_tiny_model  # the byte-level tiny Llama of the real-task tests
-
     from iapt_kernels import train
+    from iapt_kernels.testing import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "tiny")
     data = tmp_path / "d.jsonl"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import iapt_kernels as ik
-from iapt_kernels.bench.real_task_data import load_smollm2
+from benchmarks.real_task_data import load_smollm2
 from iapt_kernels.integrations.vllm import IAPTPrompts, engine_args
 
 from .conftest import ENGINE, NAMES, L, T

@@ -1,9 +1,9 @@
-"""`iapt-bench`: the benchmark report (docs/design.md section 7).
+"""`python -m benchmarks`: the benchmark report (docs/design.md section 7).
 
-    iapt-bench                      # CPU: every op, the GPU cost model, the IAPT-vs-LoRA serving run;
+    python -m benchmarks            # CPU: every op, the GPU cost model, the IAPT-vs-LoRA serving run;
                                     # writes bench-out/{report.md, results.json, results.csv, *.png}
-    iapt-bench --quick              # a smoke test that every part runs (about a minute; not a measurement)
-    iapt-bench --device cuda        # times with triton.testing.do_bench
+    python -m benchmarks --quick    # a smoke test that every part runs (about a minute; not a measurement)
+    python -m benchmarks --device cuda   # times with triton.testing.do_bench
 
 Three parts, one progress bar:
 
@@ -11,13 +11,13 @@ Three parts, one progress bar:
    implementation of the device: the eager reference, `torch.compile(reference)`, and the fused backend
    (C++ on CPU, Triton on CUDA), against the copy-bandwidth limit (`out.copy_(x)` over the bytes the op
    must move at least).
-2. A GPU cost model (:mod:`iapt_kernels.bench.cost`): bytes, FLOPs and launches of the reference
+2. A GPU cost model (:mod:`benchmarks.cost`): bytes, FLOPs and launches of the reference
    (counted by a TorchDispatchMode) and of the fused kernels (formulas), and the H100 roofline time.
-3. End to end (:mod:`iapt_kernels.bench.e2e`): multi-tenant generation on a tiny random Llama, IAPT
+3. End to end (:mod:`benchmarks.e2e`): multi-tenant generation on a tiny random Llama, IAPT
    against multi-LoRA (PEFT mixed batch) at equal trainable parameters per tenant.
 
 The case list is shared with the pytest-benchmark suite under `benchmarks/`. A tenant sweep
-(:mod:`iapt_kernels.bench.tenants`: 1, 4, 16, 64 tenants at a fixed batch, fused against the loop)
+(:mod:`benchmarks.tenants`: 1, 4, 16, 64 tenants at a fixed batch, fused against the loop)
 follows unless `--no-tenant-sweep`; `--tenant-sweep-only` runs it alone.
 """
 
@@ -35,7 +35,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from .._backend import triton_interpreted
+from iapt_kernels._backend import triton_interpreted
+
 from . import cost
 from . import e2e as e2e_mod
 from .cases import MODES, Case, configure_compile, default_cases, kernel_backends
@@ -79,7 +80,7 @@ def configure_malloc(mode: str) -> str:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
-    """Everything `iapt-bench` does, given its parsed arguments; returns the result dict."""
+    """Everything `python -m benchmarks` does, given its parsed arguments; returns the result dict."""
     start = time.perf_counter()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     configure_compile()
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "Quick run: a smoke test that every part runs, not a measurement. Sizes are tiny, each "
             "timing is a few calls, torch.compile(reference) is not timed; speedups and throughputs "
             "below are dominated by fixed overheads and noise, so draw no conclusion from them: run "
-            "`iapt-bench` without --quick for figures."
+            "`python -m benchmarks` without --quick for figures."
         )
     cases = default_cases(args.device, quick=args.quick, compiled=compiled) if not args.no_ops else []
     if args.device == "cpu":
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     total += e2e_mod.e2e_steps(e2e_cfg) if e2e_cfg else 0
     bar = None
     if not args.no_progress:
-        bar = tqdm(total=total, desc="iapt-bench", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=total, desc="benchmarks", unit="step", file=sys.stderr, dynamic_ncols=True)
     try:
         timer = None
         min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else None)
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "Timings, above all the short ones, are noisy."
         )
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = ("iapt-bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     result = {
         "machine": machine_description(args.device),
         "date": stamp,
@@ -184,7 +185,7 @@ def _load() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="iapt-bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
         "--out",
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tenant_sweep(args, written) -> int:
-    """The tenant sweep (:mod:`iapt_kernels.bench.tenants`), written beside the report."""
+    """The tenant sweep (:mod:`benchmarks.tenants`), written beside the report."""
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.device == "cpu":
         configure_malloc(args.malloc)

@@ -1,4 +1,4 @@
-"""The real task's outputs (`iapt-real-task`, `real_task.py`): the Markdown tables and report, the loss
+"""The real task's outputs (`python -m benchmarks.real_task`, `real_task.py`): the Markdown tables and report, the loss
 plot, and the atomic write that leaves the previous results (or nothing), never a half-written file.
 """
 

@@ -57,7 +57,7 @@ def run_cases(cases: list[Case], device: str, progress=True, timer=None) -> list
     if progress is True:
         from tqdm import tqdm
 
-        bar, own = tqdm(total=case_steps(cases), desc="iapt-bench", unit="run", file=sys.stderr), True
+        bar, own = tqdm(total=case_steps(cases), desc="benchmarks", unit="run", file=sys.stderr), True
     elif progress is False:
         bar = None
     records = []

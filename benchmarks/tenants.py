@@ -1,5 +1,5 @@
-"""Tenant sweep of `iapt-bench`: the multi-tenant generator at a fixed batch with 1, 4, 16 and 64
-tenants (round robin, so every tenant is present), the fused backend (C++ on CPU, Triton on CUDA)
+"""Tenant sweep of the benchmark report (`python -m benchmarks`): the multi-tenant generator at a
+fixed batch with 1, 4, 16 and 64 tenants (round robin, so every tenant is present), the fused backend (C++ on CPU, Triton on CUDA)
 against the reference's per-tenant loop, forward (under no_grad) and forward+backward.
 
 On CUDA it also times `bmm`: the three forward products of the generator (`U = Z Wd^T`, `P = G Wu^T`
@@ -7,7 +7,7 @@ and `Wdp^T = Wp Wd`) as cuBLAS batched matmuls over per-request copies of the we
 before the timing: the same arithmetic as the fused products with none of the grouping, a yardstick
 for the products' share of the fused time.
 
-    iapt-bench --tenant-sweep-only --out bench-out      # the sweep alone (CSV, PNG, markdown table)
+    python -m benchmarks --tenant-sweep-only --out bench-out     # the sweep alone (CSV, PNG, markdown table)
 """
 
 from __future__ import annotations

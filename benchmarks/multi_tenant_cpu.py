@@ -1,6 +1,6 @@
 """CPU acceptance timing of the one-pass C++ multi-tenant generator (issue 12).
 
-    python -m iapt_kernels.bench.multi_tenant_cpu [--rounds 15] [--T 32 --B 32 --S 256 --d 1024 --r 64 --L 4]
+    python -m benchmarks.multi_tenant_cpu [--rounds 15] [--T 32 --B 32 --S 256 --d 1024 --r 64 --L 4]
 
 Times, interleaved round by round (so a busy neighbour slows every implementation alike) and reported as
 the median over rounds:
@@ -28,7 +28,9 @@ from .cases import random_mask
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.multi_tenant_cpu", description=__doc__.splitlines()[0]
+    )
     for name, default in (("T", 32), ("B", 32), ("S", 256), ("d", 1024), ("r", 64), ("L", 4), ("rounds", 15)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--threads", type=int, default=None)

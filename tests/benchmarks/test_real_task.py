@@ -1,4 +1,4 @@
-"""The real-task comparison (iapt_kernels.bench.real_task) on a tiny random Llama with a byte-level
+"""The real-task comparison (benchmarks/real_task.py) on a tiny random Llama with a byte-level
 tokenizer and generated JSONL data: the --train/--test path end to end, parameter matching, and bad
 input (a clear error naming the problem, nothing written)."""
 
@@ -11,10 +11,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")  # save_tiny_model's byte-level tokenizer
 
 import iapt_kernels as ik  # noqa: E402
-from iapt_kernels.bench import real_task as rt  # noqa: E402
+from benchmarks import real_task as rt  # noqa: E402
+from iapt_kernels.testing import save_tiny_model  # noqa: E402
 
 WORDS = {"red": "warm", "orange": "warm", "yellow": "warm", "blue": "cold", "green": "cold", "white": "cold"}
 
@@ -22,34 +23,6 @@ WORDS = {"red": "warm", "orange": "warm", "yellow": "warm", "blue": "cold", "gre
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def save_tiny_model(path):
-    """A tiny random Llama and a byte-level BPE tokenizer with no merges, saved like a hub model."""
-    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = tokenizers.decoders.ByteLevel()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=160,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
 
 
 def write_jsonl(path, rows):
@@ -265,7 +238,7 @@ def test_the_gate_experiment_starts_at_the_frozen_model_and_trains_every_part():
     generator parameter has moved (``up`` keeps its random start, unlike a zero ``up``)."""
     from test_convergence import VOCAB, fixed_batches
 
-    from iapt_kernels.train import tiny_llama
+    from iapt_kernels.testing import tiny_llama
 
     torch.manual_seed(1)
     w = ik.apply_iapt(
@@ -301,3 +274,23 @@ def test_the_gate_experiment_starts_at_the_frozen_model_and_trains_every_part():
         opt.step()
     for name, p in w.generators.state_dict().items():
         assert not torch.equal(p, init[name]), f"{name} did not move in two steps"
+
+
+def test_real_task_cue_follows_the_slots():
+    """The real task: every method sees instruction + cue + label; IAPT's slots sit before the cue."""
+    from test_integration import INSTR, RESP, L
+
+    cue = [30, 31]
+    rows = [(ins, resp, "x", cue) for ins, resp in zip(INSTR, RESP)]
+    iapt = rt._Method.__new__(rt._Method)
+    iapt.slots, iapt.pad_id = L, 0
+    b = iapt._layout(rows, True, "right")
+    plain = rt._Method.__new__(rt._Method)
+    plain.slots, plain.pad_id = 0, 0
+    p = plain._layout(rows, True, "right")
+    for i, (ins, resp) in enumerate(zip(INSTR, RESP)):
+        n = len(ins)
+        assert b["input_ids"][i, : n + L + 2].tolist()[-2:] == cue
+        assert p["input_ids"][i, : n + 2 + len(resp)].tolist() == ins + cue + resp
+        first = (b["labels"][i] != -100).nonzero()[0].item()
+        assert first - 1 == n + L + 1  # the cue's last token predicts the label
