@@ -19,7 +19,7 @@ PY
 }
 
 leg "main leg: torch 2.13 (the wheel on disk), the newest supported Triton and transformers"
-pip install torch==2.13.0 "setuptools>=64" wheel
+pip install torch==2.13.0 "setuptools>=64" wheel ninja
 pip install --no-build-isolation -e ".[test,real]"  # the benchmarks' extras too: tests/benchmarks/ run here
 versions
 ruff check .
