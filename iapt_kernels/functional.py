@@ -160,56 +160,25 @@ def multi_tenant_generator(
         ``P (B, L, d)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and every
         stacked weight (tenants absent from the batch get gradient 0).
     """
-    _, _, _, L = check_multi_tenant_inputs(
-        hidden_states,
-        mask,
-        cu_seqlens,
-        groups.num_tenants,
-        groups.batch_size,
-        down_weight,
-        down_bias,
-        pool_weight,
-        numerator,
-        denominator,
-        up_weight,
-        up_bias,
-        version,
-        max_seqlen,
-    )
+    weights = (down_weight, down_bias, pool_weight, numerator, denominator, up_weight, up_bias)
+    n, b = groups.num_tenants, groups.batch_size
+    L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, n, b, *weights, version, max_seqlen)[3]
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
         return _reference.multi_tenant_generator(
-            hidden_states,
-            mask,
-            groups,
-            down_weight,
-            down_bias,
-            pool_weight,
-            numerator,
-            denominator,
-            up_weight,
-            up_bias,
-            version=version,
-            cu_seqlens=cu_seqlens,
+            hidden_states, mask, groups, *weights, version=version, cu_seqlens=cu_seqlens
         )
     if which == "triton" and L > MAX_TOKENS:
         raise ValueError(f"the fused generator supports up to {MAX_TOKENS} soft tokens, got L={L}")
+    # The contract's layout: contiguous weights, coefficients (3 and 4) in the compute dtype.
     cdt = compute_dtype(hidden_states)
-    weights = [
-        down_weight.contiguous(),
-        down_bias.contiguous(),
-        pool_weight.contiguous(),
-        numerator.to(cdt).contiguous(),
-        denominator.to(cdt).contiguous(),
-        up_weight.contiguous(),
-        up_bias.contiguous(),
-    ]
+    weights = [w.to(cdt) if i in (3, 4) else w for i, w in enumerate(weights)]
     p, *_ = torch.ops.iapt.multi_tenant_generator_fwd(
         hidden_states,
         mask,
         cu_seqlens,
         list(groups.tensors()),
-        weights,
+        [w.contiguous() for w in weights],
         version,
         _max_seqlen(hidden_states, cu_seqlens, max_seqlen),
     )

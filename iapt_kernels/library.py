@@ -46,8 +46,10 @@ if not _backend.HAS_CPP:
 
         return kernel
 
+    # Under CompositeExplicitAutograd, not CPU: the CPU key stays free for `triton_on_cpu`, which
+    # torch.library versions before 2.13 would refuse to override from Python.
     for _name in OPS:
-        _DEF.impl(_name, _no_cpu_kernel(_name), "CPU")
+        _DEF.impl(_name, _no_cpu_kernel(_name), "CompositeExplicitAutograd")
 
 
 def _op(name: str):
