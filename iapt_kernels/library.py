@@ -19,7 +19,6 @@ registers them as the CPU kernels for the duration of a `with` block, and `_back
 from __future__ import annotations
 
 import contextlib
-import importlib
 import warnings
 
 import torch
@@ -30,6 +29,7 @@ from .schemas import SCHEMAS
 
 __all__ = ["OPS", "triton_on_cpu"]
 
+# The names of the iapt:: ops, in the order of schemas.py.
 OPS = tuple(schema.split("(", 1)[0] for schema in SCHEMAS)
 
 if not _backend.HAS_CPP:
@@ -40,8 +40,8 @@ if not _backend.HAS_CPP:
     def _no_cpu_kernel(name):
         def kernel(*args):
             raise RuntimeError(
-                f"iapt::{name} runs C++ on CPU tensors, and the C++ extension is not available "
-                f"({_backend.CPP_ERROR}); use backend='reference' or build the extension"
+                f"iapt::{name} has no kernel here: CPU tensors run the C++ extension, which is not "
+                f"available ({_backend.CPP_ERROR}); use backend='reference' or build the extension"
             )
 
         return kernel
@@ -175,28 +175,6 @@ def _multi_tenant_backward(ctx, gp, *_saved_grads):
     return gh, None, None, no_grads, [gwd, gbd, gwp, gnum, gden, gwu, gbu], None, None
 
 
-# --------------------------------------------------------------------------- Triton launchers
-
-
-def _triton_launchers() -> dict:
-    """op name -> its Triton launcher, taking the op's arguments (imports Triton)."""
-    ap = importlib.import_module(".ops.attention_pool", __package__)
-    mt = importlib.import_module(".ops.multi_tenant_generator", __package__)
-    ra = importlib.import_module(".ops.rational", __package__)
-    return {
-        "rational_fwd": lambda x, num, den, version: ra.rational_fwd(x.contiguous(), num, den, version),
-        "rational_bwd": lambda g, x, num, den, version: ra.rational_bwd(
-            g.contiguous(), x.contiguous(), num, den, version
-        ),
-        "attention_pool_fwd": ap.attention_pool_fwd,
-        # The launcher computes gWp transposed; the op returns every gradient contiguous, as the
-        # fake says (a copy of L x r elements).
-        "attention_pool_bwd": lambda *args: tuple(t.contiguous() for t in ap.attention_pool_bwd(*args)),
-        "multi_tenant_generator_fwd": mt.multi_tenant_generator_fwd,
-        "multi_tenant_generator_bwd": mt.multi_tenant_generator_bwd,
-    }
-
-
 _FAKES = {
     "rational_fwd": _rational_fwd_fake,
     "rational_bwd": _rational_bwd_fake,
@@ -217,10 +195,30 @@ for _name in OPS:
 for _name, (_backward, _setup) in _AUTOGRAD.items():
     torch.library.register_autograd(f"iapt::{_name}", _backward, setup_context=_setup)
 
-_IMPL = torch.library.Library("iapt", "IMPL")
+# --------------------------------------------------------------------------- Triton launchers
+# op name -> its Triton launcher, taking the op's arguments; empty where Triton does not import.
+
+_TRITON = {}
 if _backend.HAS_TRITON:
-    for _name, _launcher in _triton_launchers().items():
-        _IMPL.impl(_name, _launcher, "CUDA")
+    from .ops import attention_pool as _ap
+    from .ops import multi_tenant_generator as _mt
+    from .ops import rational as _ra
+
+    _TRITON = {
+        "rational_fwd": lambda x, num, den, version: _ra.rational_fwd(x.contiguous(), num, den, version),
+        "rational_bwd": lambda g, x, num, den, version: _ra.rational_bwd(
+            g.contiguous(), x.contiguous(), num, den, version
+        ),
+        "attention_pool_fwd": _ap.attention_pool_fwd,
+        # The launcher computes gWp transposed; the op returns every gradient contiguous, as the
+        # fake says (a copy of L x r elements).
+        "attention_pool_bwd": lambda *args: tuple(t.contiguous() for t in _ap.attention_pool_bwd(*args)),
+        "multi_tenant_generator_fwd": _mt.multi_tenant_generator_fwd,
+        "multi_tenant_generator_bwd": _mt.multi_tenant_generator_bwd,
+    }
+_IMPL = torch.library.Library("iapt", "IMPL")
+for _name, _launcher in _TRITON.items():
+    _IMPL.impl(_name, _launcher, "CUDA")
 
 
 @contextlib.contextmanager
@@ -241,7 +239,7 @@ def triton_on_cpu():
         with warnings.catch_warnings():
             # The override is the point; the C++ kernels come back when `lib` is destroyed.
             warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-            for name, launcher in _triton_launchers().items():
+            for name, launcher in _TRITON.items():
                 lib.impl(name, launcher, "CPU")
         _backend._set_cpu_route("triton")
         yield
