@@ -3,12 +3,13 @@ of one launch per direction, counted in the interpreter; chunk boundaries (S fro
 sequence inside one chunk beside an empty one, packed sequences of very different lengths) against
 the float64 reference; `max_seqlen` too small is an error."""
 
+import contextlib
 import zlib
 
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, rel_err
+from helpers import TOLERANCE, cpu_kernels, rel_err
 
 import iapt_kernels
 from iapt_kernels.ops import attention_pool as ap
@@ -17,6 +18,13 @@ pytestmark = pytest.mark.skipif(
     "triton" not in iapt_kernels.available_backends(), reason="the Triton backend is not available"
 )
 INTERPRETED = not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu():
+    """Every case here runs the Triton kernels: on CPU, inside the interpreter test route."""
+    with cpu_kernels("triton") if INTERPRETED else contextlib.nullcontext():
+        yield
 
 
 def _seed(*key):
