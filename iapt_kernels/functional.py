@@ -14,7 +14,12 @@ from . import _backend
 from . import library as _library  # noqa: F401  (registers the iapt:: ops called below)
 from . import reference as _reference
 from ._contract import MAX_TOKENS, compute_dtype
-from ._validate import check_attention_pool_inputs, check_multi_tenant_inputs, check_rational_inputs
+from ._validate import (
+    check_attention_pool_inputs,
+    check_max_seqlen,
+    check_multi_tenant_inputs,
+    check_rational_inputs,
+)
 from .tenants import TenantGroups
 
 __all__ = ["rational", "attention_pool", "multi_tenant_generator"]
@@ -28,6 +33,8 @@ def _max_seqlen(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None, ma
     if max_seqlen is not None:
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
+        if cu_seqlens.device.type == "cpu":  # free to check here; on a GPU the kernels check it
+            check_max_seqlen(cu_seqlens, max_seqlen)
         return max_seqlen
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 

@@ -203,6 +203,36 @@ def test_backend_names_the_kernel_it_needs_on_cpu():
     )
 
 
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_max_seqlen_is_the_callers_bound(backend):
+    """`max_seqlen` (functional and module forward): the longest sequence or more gives the result
+    of the call without it; less, or a negative value, is a ValueError naming it."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    h = torch.randn(9, D)
+    gen = iapt_kernels.PromptGenerator(D, R, num_tokens=L, backend=backend)
+    mt = iapt_kernels.MultiTenantPromptGenerator(T, D, R, num_tokens=L, backend=backend)
+    ids = torch.tensor([2, 0, 0])
+    want_u = iapt_kernels.attention_pool(
+        h, None, gen.down.weight, gen.down.bias, gen.pool.weight, cu_seqlens=cu
+    )
+    want_p, want_q = gen(h, cu_seqlens=cu), mt(h, None, ids, cu_seqlens=cu)
+    for max_seqlen in (6, 11):
+        u = iapt_kernels.attention_pool(
+            h, None, gen.down.weight, gen.down.bias, gen.pool.weight, cu_seqlens=cu, max_seqlen=max_seqlen
+        )
+        torch.testing.assert_close(u, want_u, rtol=0, atol=0)
+        torch.testing.assert_close(gen(h, cu_seqlens=cu, max_seqlen=max_seqlen), want_p, rtol=0, atol=0)
+        got_q = mt(h, None, ids, cu_seqlens=cu, max_seqlen=max_seqlen)
+        torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sequence 2 has 6 tokens, more than max_seqlen = 5"):
+        gen(h, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="more than max_seqlen = 5"):
+        mt(h, None, ids, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= 0"):
+        gen(h, cu_seqlens=cu, max_seqlen=-1)
+
+
 @pytest.mark.gpu
 def test_packed_calls_with_max_seqlen_read_nothing_back():
     """With `max_seqlen`, a packed call (functional and module forward, single- and multi-tenant) makes
