@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -414,39 +415,68 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_weights(const char* fn, con
 
 }  // namespace
 
-std::vector<at::Tensor> multi_tenant_generator_fwd(
-    const at::Tensor& h, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu_seqlens,
-    const at::Tensor& order, const at::Tensor& seg_start, const at::Tensor& seg_tenant,
-    const at::Tensor& down_weight, const at::Tensor& down_bias, const at::Tensor& pool_weight,
-    const at::Tensor& numerator, const at::Tensor& denominator, const at::Tensor& up_weight,
-    const at::Tensor& up_bias, bool version_b, int64_t max_seqlen) {
+namespace {
+
+bool is_version_b(const char* fn, c10::string_view version) {
+  TORCH_CHECK(version.size() == 1 && (version[0] == 'A' || version[0] == 'B'), fn,
+              ": version must be \"A\" or \"B\"");
+  return version[0] == 'B';
+}
+
+void check_list(const char* fn, at::TensorList list, size_t lo, size_t hi, const char* what) {
+  TORCH_CHECK(list.size() >= lo && list.size() <= hi, fn, ": ", what, " must list ", lo,
+              (lo == hi ? "" : " or " + std::to_string(hi)), " tensors, got ", list.size());
+}
+
+}  // namespace
+
+// groups = TenantGroups.tensors(): order, seg_start, seg_tenant are read; the rest (wsel, unit,
+// absent) are the Triton launchers' (the C++ kernels zero-fill absent tenants from the groups),
+// weights = (Wd, bd, Wp, num, den, Wu, bu): the schemas in iapt_kernels/schemas.py.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+multi_tenant_generator_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& mask,
+                           const c10::optional<at::Tensor>& cu_seqlens, at::TensorList groups,
+                           at::TensorList weights, c10::string_view version, int64_t max_seqlen) {
   const char* fn = "multi_tenant_generator_fwd";
+  check_list(fn, groups, 5, 6, "groups");
+  check_list(fn, weights, 7, 7, "weights");
+  const at::Tensor &down_weight = weights[0], &down_bias = weights[1], &pool_weight = weights[2],
+                   &numerator = weights[3], &denominator = weights[4], &up_weight = weights[5],
+                   &up_bias = weights[6];
+  const bool version_b = is_version_b(fn, version);
   int64_t T, r, d, L;
   std::tie(T, r, d, L) = check_weights(fn, h, down_weight, pool_weight, numerator, denominator, up_weight);
   check_stacked(fn, down_bias, "down_bias", {T, r}, h.scalar_type());
   check_stacked(fn, up_bias, "up_bias", {T, d}, h.scalar_type());
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   const int64_t B = packed ? cu_seqlens->numel() - 1 : (h.dim() == 3 ? h.size(0) : 0);
-  const Groups g = read_groups(fn, B, T, order, seg_start, seg_tenant);
+  const Groups g = read_groups(fn, B, T, groups[0], groups[1], groups[2]);
   std::vector<at::Tensor> outs;
   IAPT_DISPATCH_FLOATING(h.scalar_type(), "multi_tenant_generator", run_fwd, fn, g, h, mask, cu_seqlens, max_seqlen, down_weight, down_bias,
                    pool_weight, numerator, denominator, up_weight, up_bias, version_b, outs);
-  return outs;
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6]};
 }
 
-std::vector<at::Tensor> multi_tenant_generator_bwd(
-    const at::Tensor& grad, const at::Tensor& h, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& order, const at::Tensor& seg_start,
-    const at::Tensor& seg_tenant, const at::Tensor& down_weight, const at::Tensor& pool_weight,
-    const at::Tensor& numerator, const at::Tensor& denominator, const at::Tensor& up_weight,
-    const at::Tensor& a, const at::Tensor& z, const at::Tensor& u, const at::Tensor& g_act,
-    const at::Tensor& n, const at::Tensor& pool_product, bool version_b, int64_t max_seqlen) {
+// weights = (Wd, Wp, num, den, Wu), saved = (A, Z, U, G, n, Wdp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+multi_tenant_generator_bwd(const at::Tensor& grad, const at::Tensor& h, const c10::optional<at::Tensor>& mask,
+                           const c10::optional<at::Tensor>& cu_seqlens, at::TensorList groups,
+                           at::TensorList weights, at::TensorList saved, c10::string_view version,
+                           int64_t max_seqlen) {
   const char* fn = "multi_tenant_generator_bwd";
+  check_list(fn, groups, 5, 6, "groups");
+  check_list(fn, weights, 5, 5, "weights");
+  check_list(fn, saved, 6, 6, "saved");
+  const at::Tensor &down_weight = weights[0], &pool_weight = weights[1], &numerator = weights[2],
+                   &denominator = weights[3], &up_weight = weights[4];
+  const at::Tensor &a = saved[0], &z = saved[1], &u = saved[2], &g_act = saved[3], &n = saved[4],
+                   &pool_product = saved[5];
+  const bool version_b = is_version_b(fn, version);
   int64_t T, r, d, L;
   std::tie(T, r, d, L) = check_weights(fn, h, down_weight, pool_weight, numerator, denominator, up_weight);
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   const int64_t B = packed ? cu_seqlens->numel() - 1 : (h.dim() == 3 ? h.size(0) : 0);
-  const Groups g = read_groups(fn, B, T, order, seg_start, seg_tenant);
+  const Groups g = read_groups(fn, B, T, groups[0], groups[1], groups[2]);
   const auto ct = compute_type(h.scalar_type());
   TORCH_CHECK(grad.device().is_cpu() && grad.dim() == 3 && grad.size(0) == B && grad.size(1) == L &&
                   grad.size(2) == d, fn, ": grad must be (B, L, d) = (", B, ", ", L, ", ", d, "), got ",
@@ -459,10 +489,14 @@ std::vector<at::Tensor> multi_tenant_generator_bwd(
                   pool_product.size(1) == d && pool_product.size(2) == L, fn,
               ": pool_product must be the forward's (K, d, L) = (", g.K, ", ", d, ", ", L, ")");
   std::vector<at::Tensor> outs;
-  IAPT_DISPATCH_FLOATING(h.scalar_type(), "multi_tenant_generator", run_bwd, fn, g, grad, h, mask, cu_seqlens, max_seqlen, down_weight,
+  IAPT_DISPATCH_FLOATING(h.scalar_type(), "multi_tenant_generator", run_bwd, fn, g, grad.contiguous(), h, mask, cu_seqlens, max_seqlen, down_weight,
                    pool_weight, numerator, denominator, up_weight, a.contiguous(), z.contiguous(), u, g_act,
                    n, pool_product, version_b, outs);
-  return outs;
+  // The weight gradients in their weights' dtypes (a no-op for fp32/fp64 weights), the
+  // coefficients' in the compute dtype, as the fake says.
+  const auto wdt = down_weight.scalar_type(), pdt = pool_weight.scalar_type(), udt = up_weight.scalar_type();
+  return {outs[0], outs[1].to(wdt), outs[2].to(wdt), outs[3].to(pdt), outs[4], outs[5], outs[6].to(udt),
+          outs[7].to(udt)};
 }
 
 }  // namespace iapt

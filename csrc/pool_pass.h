@@ -3,7 +3,7 @@
 // All compute in T = float (float32/float16/bfloat16 storage) or double (float64).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <tuple>

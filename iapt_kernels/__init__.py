@@ -5,16 +5,15 @@ Public API:
     MultiTenantPromptGenerator, TenantGroups, available_backends, and for Hugging Face models IAPTConfig, IAPTModel, apply_iapt,
     insert_prompt_slots, save_iapt, load_iapt, IAPTDataCollator (transformers is imported lazily)
 
-Each op exists three times with the same contract: a Triton kernel (CUDA, or CPU under
-``TRITON_INTERPRET=1``), a C++ CPU kernel (optional extension), and a plain-PyTorch reference in
+Each op exists three times with the same contract: a Triton kernel (CUDA tensors), a C++ CPU kernel
+(optional extension), both behind one ``iapt::`` torch.library op, and a plain-PyTorch reference in
 :mod:`iapt_kernels.reference`. ``backend="auto"`` picks Triton for CUDA tensors and C++ for CPU ones.
 
 The floors (docs/design.md section 4): ``_validate``, ``tenants``, ``fits`` and ``reference`` import
 neither Triton nor the kernel layer, so they are imported first, always. The kernel layer
-(``ops``, ``library``, ``functional``, ``modules``, and ``integrations`` on top) imports Triton; it is
-imported here too whenever Triton is importable, so its names, and the ``iapt::`` torch.library ops,
-exist as soon as the package does. Without Triton (e.g. on macOS) the package still imports; a name of
-the kernel layer then raises the ImportError that says what is missing.
+(``library``, ``functional``, ``modules``, and ``integrations`` on top) imports Triton's launchers
+(``ops``) only where Triton imports; it is imported here whenever Triton is importable, and on first
+use otherwise (without Triton, e.g. on macOS, CPU tensors run the C++ kernels).
 """
 
 from importlib import import_module

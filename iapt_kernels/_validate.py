@@ -114,8 +114,11 @@ def check_attention_pool_inputs(
     down_bias: torch.Tensor,
     pool_weight: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None = None,
 ) -> tuple[int, int, int, int]:
-    """Validate an attention-pool call; return `(B, d, r, L)`."""
+    """Validate an attention-pool call; return `(B, d, r, L)`. With `max_seqlen` given and
+    `cu_seqlens` off the CPU, its bounds are checked on the device (no host read, the reason a caller
+    passes `max_seqlen`): a violation is a device-side assert rather than a ValueError."""
     check_float_tensor("hidden_states", hidden_states)
     for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("pool_weight", pool_weight)):
         check_float_tensor(name, t)
@@ -177,7 +180,12 @@ def check_attention_pool_inputs(
         raise ValueError(
             f"hidden_states has hidden size d={dh} but down_weight is (r, d) = {tuple(down_weight.shape)}"
         )
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and max_seqlen is not None and cu_seqlens.device.type != "cpu":
+        steps = cu_seqlens[1:] - cu_seqlens[:-1]
+        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+        torch._assert_async((steps >= 0).all(), "cu_seqlens must be non-decreasing")
+        torch._assert_async(cu_seqlens[-1] == hidden_states.shape[0], "cu_seqlens must end at N")
+    elif cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -289,6 +297,7 @@ def check_multi_tenant_inputs(
     up_weight,
     up_bias,
     version: str,
+    max_seqlen: int | None = None,
 ) -> tuple[int, int, int, int]:
     """Validate a multi-tenant generator call (stacked weights, one slice per tenant) whose requests
     were grouped into a `TenantGroups` of `num_tenants` tenants and `batch_size` requests; return
@@ -310,7 +319,7 @@ def check_multi_tenant_inputs(
                 f"num_tenants={num_tenants}, got shape {tuple(t.shape)}"
             )
     B, d, r, L = check_attention_pool_inputs(
-        hidden_states, mask, down_weight[0], down_bias[0], pool_weight[0], cu_seqlens
+        hidden_states, mask, down_weight[0], down_bias[0], pool_weight[0], cu_seqlens, max_seqlen
     )
     if B != batch_size:
         raise ValueError(

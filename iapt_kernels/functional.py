@@ -1,5 +1,8 @@
 """Public functional API, one entry per op: validate once, resolve the backend once, run.
 
+The fused backends call the `iapt::` ops (`iapt_kernels.library`), which are differentiable by
+themselves and pick their kernel by device; here the inputs get the layout the op contract wants
+(coefficients in the compute dtype, contiguous weights), so autograd maps the gradients back.
 The modules (`iapt_kernels.modules`) hold parameters and call these; nothing else picks a backend.
 """
 
@@ -8,21 +11,31 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from . import library as _library  # noqa: F401  (registers the iapt:: ops the Functions below call)
+from . import library as _library  # noqa: F401  (registers the iapt:: ops called below)
 from . import reference as _reference
-from ._validate import check_attention_pool_inputs, check_multi_tenant_inputs, check_rational_inputs
-from .ops.attention_pool import MAX_TOKENS, AttentionPoolFunction
-from .ops.multi_tenant_generator import MultiTenantGeneratorFunction
-from .ops.rational import RationalFunction
+from ._contract import MAX_TOKENS, compute_dtype
+from ._validate import (
+    check_attention_pool_inputs,
+    check_max_seqlen,
+    check_multi_tenant_inputs,
+    check_rational_inputs,
+)
 from .tenants import TenantGroups
 
 __all__ = ["rational", "attention_pool", "multi_tenant_generator"]
 
 
-def _max_seqlen(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """The kernels' `S`: the padded length, or the longest packed sequence (one host sync)."""
+def _max_seqlen(hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> int:
+    """The kernels' `S`: the padded length, the caller's `max_seqlen`, or the longest packed sequence
+    read from `cu_seqlens` (a device-to-host copy: the one a caller avoids by passing `max_seqlen`)."""
     if cu_seqlens is None:
         return hidden_states.shape[1]
+    if max_seqlen is not None:
+        if not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be an int >= 0, got {max_seqlen!r}")
+        if cu_seqlens.device.type == "cpu":  # free to check here; on a GPU the kernels check it
+            check_max_seqlen(cu_seqlens, max_seqlen)
+        return max_seqlen
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
@@ -54,7 +67,10 @@ def rational(
     which = _backend.resolve_backend(backend, x.device)
     if which == "reference":
         return _reference.rational(x, numerator, denominator, version=version)
-    return RationalFunction.apply(x, numerator, denominator, version, which)
+    cdt = compute_dtype(x)
+    num = (numerator.unsqueeze(0) if numerator.dim() == 1 else numerator).to(cdt).contiguous()
+    den = (denominator.unsqueeze(0) if denominator.dim() == 1 else denominator).to(cdt).contiguous()
+    return torch.ops.iapt.rational_fwd(x.contiguous(), num, den, version)
 
 
 def attention_pool(
@@ -65,6 +81,7 @@ def attention_pool(
     pool_weight: torch.Tensor,
     *,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Self-attention pooling of instruction tokens into ``L`` bottleneck vectors (docs/design.md section 1).
@@ -81,6 +98,10 @@ def attention_pool(
             and device as ``hidden_states``.
         cu_seqlens: ``(B+1,)`` int32 offsets of the packed sequences: starts at 0, non-decreasing,
             ends at ``N``.
+        max_seqlen: with ``cu_seqlens``, the longest packed sequence's length or more (as
+            flash-attn's); given, a call on CUDA tensors reads nothing back to the host. ``None``:
+            read from ``cu_seqlens`` (one device-to-host copy). A value below the longest sequence
+            is an error.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
 
     Returns:
@@ -88,7 +109,7 @@ def attention_pool(
         three weights. A sequence with no instruction token gives ``U = 0``.
     """
     B, d, r, L = check_attention_pool_inputs(
-        hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens
+        hidden_states, mask, down_weight, down_bias, pool_weight, cu_seqlens, max_seqlen
     )
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
@@ -97,15 +118,14 @@ def attention_pool(
         )
     if L > MAX_TOKENS:
         raise ValueError(f"the fused attention_pool supports up to {MAX_TOKENS} soft tokens, got L={L}")
-    u, *_ = AttentionPoolFunction.apply(
+    u, *_ = torch.ops.iapt.attention_pool_fwd(
         hidden_states,
         mask,
         cu_seqlens,
-        down_weight,
-        down_bias,
-        pool_weight,
-        _max_seqlen(hidden_states, cu_seqlens),
-        which,
+        down_weight.contiguous(),
+        down_bias.contiguous(),
+        pool_weight.contiguous(),
+        _max_seqlen(hidden_states, cu_seqlens, max_seqlen),
     )
     return u
 
@@ -124,6 +144,7 @@ def multi_tenant_generator(
     *,
     version: str = "B",
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``T`` tenants' soft-prompt generators over one batch that mixes tenants (docs/design.md section 8).
@@ -132,7 +153,7 @@ def multi_tenant_generator(
     tenant ``-1`` get 0.
 
     Args:
-        hidden_states, mask, cu_seqlens: as :func:`attention_pool` (padded or packed).
+        hidden_states, mask, cu_seqlens, max_seqlen: as :func:`attention_pool` (padded or packed).
         groups: the batch grouped by tenant, ``TenantGroups.build(tenant_ids, T)`` (checks the ids;
             build it once per batch and reuse it for every layer).
         down_weight ``(T, r, d)``, down_bias ``(T, r)``, pool_weight ``(T, L, r)``: in the dtype of
@@ -146,52 +167,26 @@ def multi_tenant_generator(
         ``P (B, L, d)`` in the dtype of ``hidden_states``, differentiable in ``hidden_states`` and every
         stacked weight (tenants absent from the batch get gradient 0).
     """
-    _, _, _, L = check_multi_tenant_inputs(
-        hidden_states,
-        mask,
-        cu_seqlens,
-        groups.num_tenants,
-        groups.batch_size,
-        down_weight,
-        down_bias,
-        pool_weight,
-        numerator,
-        denominator,
-        up_weight,
-        up_bias,
-        version,
-    )
+    weights = (down_weight, down_bias, pool_weight, numerator, denominator, up_weight, up_bias)
+    n, b = groups.num_tenants, groups.batch_size
+    L = check_multi_tenant_inputs(hidden_states, mask, cu_seqlens, n, b, *weights, version, max_seqlen)[3]
     which = _backend.resolve_backend(backend, hidden_states.device)
     if which == "reference":
         return _reference.multi_tenant_generator(
-            hidden_states,
-            mask,
-            groups,
-            down_weight,
-            down_bias,
-            pool_weight,
-            numerator,
-            denominator,
-            up_weight,
-            up_bias,
-            version=version,
-            cu_seqlens=cu_seqlens,
+            hidden_states, mask, groups, *weights, version=version, cu_seqlens=cu_seqlens
         )
     if which == "triton" and L > MAX_TOKENS:
         raise ValueError(f"the fused generator supports up to {MAX_TOKENS} soft tokens, got L={L}")
-    return MultiTenantGeneratorFunction.apply(
+    # The contract's layout: contiguous weights, coefficients (3 and 4) in the compute dtype.
+    cdt = compute_dtype(hidden_states)
+    weights = [w.to(cdt) if i in (3, 4) else w for i, w in enumerate(weights)]
+    p, *_ = torch.ops.iapt.multi_tenant_generator_fwd(
         hidden_states,
         mask,
         cu_seqlens,
-        groups,
-        down_weight,
-        down_bias,
-        pool_weight,
-        numerator,
-        denominator,
-        up_weight,
-        up_bias,
+        list(groups.tensors()),
+        [w.contiguous() for w in weights],
         version,
-        _max_seqlen(hidden_states, cu_seqlens),
-        which,
+        _max_seqlen(hidden_states, cu_seqlens, max_seqlen),
     )
+    return p

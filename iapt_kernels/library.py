@@ -1,130 +1,70 @@
-"""`torch.library` custom ops, namespace `iapt`: one op name per kernel, dispatched on the device.
+"""The `iapt::` ops: one contract per kernel pair, no backend in it (docs/design.md section 4).
 
-Each op is declared once (its schema is the Python signature below) and registered by `_register`:
-CUDA tensors run the Triton launcher; CPU tensors run the C++ kernel, or the Triton launcher in the
-interpreter when the caller resolved `backend="triton"` (tests do, to check the Triton code on CPU);
-a fake implementation lets `torch.compile` trace through. The backend itself is resolved once, in
-`functional` (`_backend.resolve_backend`); the ops only read the resolved name. No op has an autograd
-of its own: the `<Op>Function` classes in `ops/` pair the forward and backward ops.
+Each op is declared once, in `iapt_kernels/schemas.py`, which the C++ extension compiles in
+(csrc/registration.cpp: `TORCH_LIBRARY(iapt)` with the C++ kernels as the CPU implementations); where
+the extension is not built, this module defines the same schemas from the same file. Here each op
+gets, once:
+
+- its fake (shapes and dtypes, for `torch.compile` and `opcheck`);
+- for a forward op, its autograd formula (`torch.library.register_autograd`: `setup_context` saves
+  what the backward op needs, and the backward calls it), so `torch.ops.iapt.<op>_fwd` is
+  differentiable by itself;
+- its CUDA implementation, the Triton launcher of `ops/`, when Triton imports.
+
+The device picks the kernel: CPU tensors run C++, CUDA tensors Triton. Running the Triton launchers
+on CPU tensors (the interpreter, ``TRITON_INTERPRET=1``) is the tests' business: `triton_on_cpu`
+registers them as the CPU kernels for the duration of a `with` block, and `_backend` knows it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from . import _backend
-from .ops import attention_pool as _attention_pool
-from .ops import multi_tenant_generator as _multi_tenant
-from .ops import rational as _rational
-from .ops.utils import compute_dtype
+from ._contract import compute_dtype
+from .schemas import SCHEMAS
+
+__all__ = ["OPS", "triton_on_cpu"]
+
+# The names of the iapt:: ops, in the order of schemas.py.
+OPS = tuple(schema.split("(", 1)[0] for schema in SCHEMAS)
+
+if not _backend.HAS_CPP:
+    _DEF = torch.library.Library("iapt", "DEF")
+    for _schema in SCHEMAS:
+        _DEF.define(_schema)
+
+    def _no_cpu_kernel(name):
+        def kernel(*args):
+            raise RuntimeError(
+                f"iapt::{name} has no kernel here: CPU tensors run the C++ extension, which is not "
+                f"available ({_backend.CPP_ERROR}); use backend='reference' or build the extension"
+            )
+
+        return kernel
+
+    # Under CompositeExplicitAutograd, not CPU: the CPU key stays free for `triton_on_cpu`, which
+    # torch.library versions before 2.13 would refuse to override from Python.
+    for _name in OPS:
+        _DEF.impl(_name, _no_cpu_kernel(_name), "CompositeExplicitAutograd")
 
 
-def _cpp(name: str):
-    """The C++ kernel `name` of the extension, or an error saying why it is missing."""
-    if not _backend.HAS_CPP:
-        raise RuntimeError(f"the C++ extension is not available: {_backend.CPP_ERROR}")
-    return getattr(_backend._C, name)
+def _op(name: str):
+    return getattr(torch.ops.iapt, name).default
 
 
-def _register(op, *, triton, cpp, fake, backend_at: int = -1) -> None:
-    """Register `op`'s CPU, CUDA and fake implementations. `triton`, `cpp` and `fake` take the op's
-    arguments without `backend` (the argument at `backend_at`): CUDA runs `triton`, CPU runs `cpp` or,
-    for `backend="triton"`, `triton` in the interpreter."""
-
-    def split(args):
-        args = list(args)
-        return args.pop(backend_at), args
-
-    def cpu(*args):
-        backend, rest = split(args)
-        if backend == "triton":
-            return triton(*rest)
-        if backend != "cpp":
-            raise ValueError(f"iapt ops run backend 'triton' or 'cpp' on CPU tensors, got {backend!r}")
-        return cpp(*rest)
-
-    op.register_kernel("cpu")(cpu)
-    op.register_kernel("cuda")(lambda *args: triton(*split(args)[1]))
-    op.register_fake(lambda *args: fake(*split(args)[1]))
+# --------------------------------------------------------------------------- fakes
 
 
-# --------------------------------------------------------------------------- rational
+def _rational_fwd_fake(x, num, den, version):
+    return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("iapt::rational_fwd", mutates_args=())
-def rational_fwd(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, version: str, backend: str
-) -> torch.Tensor:
-    """Rational activation forward; see `iapt_kernels.ops.rational` for the formula."""
-    raise NotImplementedError(f"iapt::rational_fwd has no kernel for device {x.device}")
-
-
-@torch.library.custom_op("iapt::rational_bwd", mutates_args=())
-def rational_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    numerator: torch.Tensor,
-    denominator: torch.Tensor,
-    version: str,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rational activation backward: `(dx, dnumerator, ddenominator)`."""
-    raise NotImplementedError(f"iapt::rational_bwd has no kernel for device {x.device}")
-
-
-# The C++ kernels take `version_b: bool`; the launchers want contiguous inputs.
-_register(
-    rational_fwd,
-    triton=lambda x, num, den, version: _rational.rational_fwd(x.contiguous(), num, den, version),
-    cpp=lambda x, num, den, version: _cpp("rational_fwd")(x.contiguous(), num, den, version == "B"),
-    fake=lambda x, num, den, version: x.new_empty(x.shape),
-)
-_register(
-    rational_bwd,
-    triton=lambda g, x, num, den, version: _rational.rational_bwd(
-        g.contiguous(), x.contiguous(), num, den, version
-    ),
-    cpp=lambda g, x, num, den, version: tuple(
-        _cpp("rational_bwd")(g.contiguous(), x.contiguous(), num, den, version == "B")
-    ),
-    fake=lambda g, x, num, den, version: (x.new_empty(x.shape), torch.empty_like(num), torch.empty_like(den)),
-)
-
-
-# --------------------------------------------------------------------------- attention_pool
-
-
-@torch.library.custom_op("iapt::attention_pool_fwd", mutates_args=())
-def attention_pool_fwd(
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor,
-    pool_weight: torch.Tensor,
-    max_seqlen: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention pooling forward: `(U, A, Z, n)`; see `iapt_kernels.ops.attention_pool`."""
-    raise NotImplementedError(f"iapt::attention_pool_fwd has no kernel for device {hidden_states.device}")
-
-
-@torch.library.custom_op("iapt::attention_pool_bwd", mutates_args=())
-def attention_pool_bwd(
-    grad: torch.Tensor,
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    down_weight: torch.Tensor,
-    pool_weight: torch.Tensor,
-    weights: torch.Tensor,
-    pooled_inputs: torch.Tensor,
-    nonempty: torch.Tensor,
-    max_seqlen: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention pooling backward: `(g_hidden_states, g_down_weight, g_down_bias, g_pool_weight)`."""
-    raise NotImplementedError(f"iapt::attention_pool_bwd has no kernel for device {hidden_states.device}")
+def _rational_bwd_fake(grad, x, num, den, version):
+    return x.new_empty(x.shape), torch.empty_like(num), torch.empty_like(den)
 
 
 def _attention_pool_fwd_fake(h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen):
@@ -137,7 +77,7 @@ def _attention_pool_fwd_fake(h, mask, cu_seqlens, down_weight, down_bias, pool_w
     return new((B, L, r)), new((B, S, L), dtype=cdt), new((B, L, d), dtype=cdt), new((B,), dtype=cdt)
 
 
-def _attention_pool_bwd_fake(grad, h, mask, cu_seqlens, down_weight, pool_weight, *saved_and_max_seqlen):
+def _attention_pool_bwd_fake(grad, h, mask, cu_seqlens, down_weight, pool_weight, a, z, n, max_seqlen):
     return (
         h.new_empty(h.shape),
         torch.empty_like(down_weight),
@@ -146,214 +86,14 @@ def _attention_pool_bwd_fake(grad, h, mask, cu_seqlens, down_weight, pool_weight
     )
 
 
-_register(
-    attention_pool_fwd,
-    triton=_attention_pool.attention_pool_fwd,
-    cpp=lambda *args: tuple(_cpp("attention_pool_fwd")(*args)),
-    fake=_attention_pool_fwd_fake,
-)
-# The Triton launcher computes gWp transposed; the op returns every gradient contiguous, as the fake says
-# (a copy of L x r elements).
-_register(
-    attention_pool_bwd,
-    triton=lambda *args: tuple(t.contiguous() for t in _attention_pool.attention_pool_bwd(*args)),
-    cpp=lambda *args: tuple(_cpp("attention_pool_bwd")(*args)),
-    fake=_attention_pool_bwd_fake,
-)
-
-
-# --------------------------------------------------------------------------- multi_tenant_generator
-# CPU tensors run the one-pass C++ kernels (csrc/multi_tenant.cpp), or Triton in the interpreter.
-
-
-@torch.library.custom_op("iapt::multi_tenant_generator_fwd", mutates_args=())
-def multi_tenant_generator_fwd(
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    order: torch.Tensor,
-    seg_start: torch.Tensor,
-    seg_tenant: torch.Tensor,
-    wsel: torch.Tensor,
-    unit: torch.Tensor,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor,
-    pool_weight: torch.Tensor,
-    numerator: torch.Tensor,
-    denominator: torch.Tensor,
-    up_weight: torch.Tensor,
-    up_bias: torch.Tensor,
-    version: str,
-    max_seqlen: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Multi-tenant generator forward: `(P, A, Z, U, G, n, Wdp)`; see `iapt_kernels.ops.multi_tenant_generator`."""
-    raise NotImplementedError(
-        f"iapt::multi_tenant_generator_fwd has no kernel for device {hidden_states.device}"
-    )
-
-
-@torch.library.custom_op("iapt::multi_tenant_generator_bwd", mutates_args=())
-def multi_tenant_generator_bwd(
-    grad: torch.Tensor,
-    hidden_states: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    order: torch.Tensor,
-    seg_start: torch.Tensor,
-    seg_tenant: torch.Tensor,
-    wsel: torch.Tensor,
-    unit: torch.Tensor,
-    down_weight: torch.Tensor,
-    pool_weight: torch.Tensor,
-    numerator: torch.Tensor,
-    denominator: torch.Tensor,
-    up_weight: torch.Tensor,
-    weights: torch.Tensor,
-    pooled_inputs: torch.Tensor,
-    pooled: torch.Tensor,
-    activated: torch.Tensor,
-    nonempty: torch.Tensor,
-    pool_product: torch.Tensor,
-    version: str,
-    max_seqlen: int,
-    backend: str,
-    absent: torch.Tensor | None = None,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
-    """Multi-tenant generator backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`, the weight gradients
-    in their weights' dtypes (`gnum`, `gden` in the compute dtype); `absent` (TenantGroups.absent), the
-    tenants whose gradient slices are only zero-filled."""
-    raise NotImplementedError(
-        f"iapt::multi_tenant_generator_bwd has no kernel for device {hidden_states.device}"
-    )
-
-
-def _multi_tenant_fwd_cpp(
-    h,
-    mask,
-    cu_seqlens,
-    order,
-    seg_start,
-    seg_tenant,
-    wsel,
-    unit,
-    down_weight,
-    down_bias,
-    pool_weight,
-    numerator,
-    denominator,
-    up_weight,
-    up_bias,
-    version,
-    max_seqlen,
-):
-    # The C++ pass walks `order` by segment itself: `wsel` and `unit` are the Triton launch lists.
-    return tuple(
-        _cpp("multi_tenant_generator_fwd")(
-            h,
-            mask,
-            cu_seqlens,
-            order,
-            seg_start,
-            seg_tenant,
-            down_weight,
-            down_bias,
-            pool_weight,
-            numerator,
-            denominator,
-            up_weight,
-            up_bias,
-            version == "B",
-            max_seqlen,
-        )
-    )
-
-
-def _multi_tenant_bwd_cpp(
-    grad,
-    h,
-    mask,
-    cu_seqlens,
-    order,
-    seg_start,
-    seg_tenant,
-    wsel,
-    unit,
-    down_weight,
-    pool_weight,
-    numerator,
-    denominator,
-    up_weight,
-    a,
-    z,
-    u,
-    g,
-    n,
-    wdp,
-    version,
-    max_seqlen,
-    absent=None,
-):
-    gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = _cpp("multi_tenant_generator_bwd")(
-        grad,
-        h,
-        mask,
-        cu_seqlens,
-        order,
-        seg_start,
-        seg_tenant,
-        down_weight,
-        pool_weight,
-        numerator,
-        denominator,
-        up_weight,
-        a,
-        z,
-        u,
-        g,
-        n,
-        wdp,
-        version == "B",
-        max_seqlen,
-    )
-    wdt, pdt, udt = down_weight.dtype, pool_weight.dtype, up_weight.dtype
-    return gh, gwd.to(wdt), gbd.to(wdt), gwp.to(pdt), gnum, gden, gwu.to(udt), gbu.to(udt)
-
-
-def _multi_tenant_fwd_fake(
-    h,
-    mask,
-    cu_seqlens,
-    order,
-    seg_start,
-    seg_tenant,
-    wsel,
-    unit,
-    down_weight,
-    down_bias,
-    pool_weight,
-    numerator,
-    denominator,
-    up_weight,
-    up_bias,
-    version,
-    max_seqlen,
-):
+def _multi_tenant_fwd_fake(h, mask, cu_seqlens, groups, weights, version, max_seqlen):
     cdt = compute_dtype(h)
     B = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else h.shape[0]
     S = max_seqlen if cu_seqlens is not None else h.shape[1]
+    down_weight, pool_weight = weights[0], weights[2]
     T, r, d = down_weight.shape
     L = pool_weight.shape[1]
-    K = seg_tenant.shape[0]
+    K = groups[2].shape[0]
     new = h.new_empty
     return (
         new((B, L, d)),
@@ -366,49 +106,143 @@ def _multi_tenant_fwd_fake(
     )
 
 
-def _multi_tenant_bwd_fake(
-    grad,
-    h,
-    mask,
-    cu_seqlens,
-    order,
-    seg_start,
-    seg_tenant,
-    wsel,
-    unit,
-    down_weight,
-    pool_weight,
-    numerator,
-    denominator,
-    up_weight,
-    *saved_and_meta,
-):
-    T, r, d = down_weight.shape
-    L = pool_weight.shape[1]
-    wd, wp, wu = down_weight.new_empty, pool_weight.new_empty, up_weight.new_empty
+def _multi_tenant_bwd_fake(grad, h, mask, cu_seqlens, groups, weights, saved, version, max_seqlen):
+    wd, wp, num, den, wu = weights
+    T, r, d = wd.shape
+    L = wp.shape[1]
     return (
         h.new_empty(h.shape),
-        wd((T, r, d)),
-        wd((T, r)),
-        wp((T, L, r)),
-        torch.empty_like(numerator),
-        torch.empty_like(denominator),
-        wu((T, d, r)),
-        wu((T, d)),
+        wd.new_empty((T, r, d)),
+        wd.new_empty((T, r)),
+        wp.new_empty((T, L, r)),
+        torch.empty_like(num),
+        torch.empty_like(den),
+        wu.new_empty((T, d, r)),
+        wu.new_empty((T, d)),
     )
 
 
-_register(
-    multi_tenant_generator_fwd,
-    triton=_multi_tenant.multi_tenant_generator_fwd,
-    cpp=_multi_tenant_fwd_cpp,
-    fake=_multi_tenant_fwd_fake,
-)
-# `backend` is the last required argument; `absent` (optional) follows it.
-_register(
-    multi_tenant_generator_bwd,
-    triton=_multi_tenant.multi_tenant_generator_bwd,
-    cpp=_multi_tenant_bwd_cpp,
-    fake=_multi_tenant_bwd_fake,
-    backend_at=22,
-)
+# --------------------------------------------------------------------------- autograd
+# `setup_context` saves what the backward op reads; the saved forward outputs (A, Z, ...) are not
+# differentiable. Inputs without a gradient (masks, offsets, groups, strings, ints) get None.
+
+
+def _rational_setup(ctx, inputs, output):
+    x, num, den, version = inputs
+    ctx.save_for_backward(x, num, den)
+    ctx.version = version
+
+
+def _rational_backward(ctx, grad):
+    x, num, den = ctx.saved_tensors
+    dx, dnum, dden = _op("rational_bwd")(grad.contiguous(), x, num, den, ctx.version)
+    return dx, dnum, dden, None
+
+
+def _attention_pool_setup(ctx, inputs, output):
+    h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen = inputs
+    _, a, z, n = output
+    ctx.save_for_backward(h, mask, cu_seqlens, down_weight, pool_weight, a, z, n)
+    ctx.max_seqlen = max_seqlen
+    ctx.mark_non_differentiable(a, z, n)
+
+
+def _attention_pool_backward(ctx, gu, _ga, _gz, _gn):
+    h, mask, cu_seqlens, down_weight, pool_weight, a, z, n = ctx.saved_tensors
+    gh, gwd, gbd, gwp = _op("attention_pool_bwd")(
+        gu.contiguous(), h, mask, cu_seqlens, down_weight, pool_weight, a, z, n, ctx.max_seqlen
+    )
+    return gh, None, None, gwd, gbd, gwp, None
+
+
+def _multi_tenant_setup(ctx, inputs, output):
+    h, mask, cu_seqlens, groups, weights, version, max_seqlen = inputs
+    wd, bd, wp, num, den, wu, bu = weights
+    saved = output[1:]
+    ctx.save_for_backward(h, mask, cu_seqlens, wd, wp, num, den, wu, *saved, *groups)
+    ctx.meta = (version, max_seqlen, len(saved))
+    ctx.mark_non_differentiable(*saved)
+
+
+def _multi_tenant_backward(ctx, gp, *_saved_grads):
+    version, max_seqlen, num_saved = ctx.meta
+    h, mask, cu_seqlens, *rest = ctx.saved_tensors
+    weights, saved, groups = rest[:5], rest[5 : 5 + num_saved], rest[5 + num_saved :]
+    gh, gwd, gbd, gwp, gnum, gden, gwu, gbu = _op("multi_tenant_generator_bwd")(
+        gp.contiguous(), h, mask, cu_seqlens, groups, weights, saved, version, max_seqlen
+    )
+    no_grads = [None] * len(groups)  # a list input takes a list of gradients, one per tensor
+    return gh, None, None, no_grads, [gwd, gbd, gwp, gnum, gden, gwu, gbu], None, None
+
+
+_FAKES = {
+    "rational_fwd": _rational_fwd_fake,
+    "rational_bwd": _rational_bwd_fake,
+    "attention_pool_fwd": _attention_pool_fwd_fake,
+    "attention_pool_bwd": _attention_pool_bwd_fake,
+    "multi_tenant_generator_fwd": _multi_tenant_fwd_fake,
+    "multi_tenant_generator_bwd": _multi_tenant_bwd_fake,
+}
+_AUTOGRAD = {
+    "rational_fwd": (_rational_backward, _rational_setup),
+    "attention_pool_fwd": (_attention_pool_backward, _attention_pool_setup),
+    "multi_tenant_generator_fwd": (_multi_tenant_backward, _multi_tenant_setup),
+}
+assert set(_FAKES) == set(OPS), "every op in schemas.py needs a fake here"
+
+for _name in OPS:
+    torch.library.register_fake(f"iapt::{_name}", _FAKES[_name])
+for _name, (_backward, _setup) in _AUTOGRAD.items():
+    torch.library.register_autograd(f"iapt::{_name}", _backward, setup_context=_setup)
+
+# --------------------------------------------------------------------------- Triton launchers
+# op name -> its Triton launcher, taking the op's arguments; empty where Triton does not import.
+
+_TRITON = {}
+if _backend.HAS_TRITON:
+    from .ops import attention_pool as _ap
+    from .ops import multi_tenant_generator as _mt
+    from .ops import rational as _ra
+
+    _TRITON = {
+        "rational_fwd": lambda x, num, den, version: _ra.rational_fwd(x.contiguous(), num, den, version),
+        "rational_bwd": lambda g, x, num, den, version: _ra.rational_bwd(
+            g.contiguous(), x.contiguous(), num, den, version
+        ),
+        "attention_pool_fwd": _ap.attention_pool_fwd,
+        # The launcher computes gWp transposed; the op returns every gradient contiguous, as the
+        # fake says (a copy of L x r elements).
+        "attention_pool_bwd": lambda *args: tuple(t.contiguous() for t in _ap.attention_pool_bwd(*args)),
+        "multi_tenant_generator_fwd": _mt.multi_tenant_generator_fwd,
+        "multi_tenant_generator_bwd": _mt.multi_tenant_generator_bwd,
+    }
+_IMPL = torch.library.Library("iapt", "IMPL")
+for _name, _launcher in _TRITON.items():
+    _IMPL.impl(_name, _launcher, "CUDA")
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Inside the block, the Triton launchers are the CPU kernels of every `iapt::` op (they run in
+    Triton's interpreter, so ``TRITON_INTERPRET=1`` must be set before the package is imported), and
+    ``backend="triton"`` accepts CPU tensors; on exit the C++ kernels are back. A test route: it
+    checks the Triton code on machines without a GPU."""
+    if not _backend.HAS_TRITON:
+        raise RuntimeError(f"triton_on_cpu needs Triton, which failed to import ({_backend.TRITON_ERROR})")
+    if not _backend.triton_interpreted():
+        raise RuntimeError("triton_on_cpu needs TRITON_INTERPRET=1 set before iapt_kernels is imported")
+    if _backend.cpu_route() == "triton":  # nested: the outer block holds the registration
+        yield
+        return
+    lib = torch.library.Library("iapt", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            # The override is the point; the C++ kernels come back when `lib` is destroyed.
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            for name, launcher in _TRITON.items():
+                lib.impl(name, launcher, "CPU")
+        _backend._set_cpu_route("triton")
+        yield
+    finally:
+        _backend._set_cpu_route(None)
+        lib._destroy()

@@ -88,5 +88,8 @@ class TenantGroups:
         order = self.order.long()
         return [(t, order[bounds[k] : bounds[k + 1]]) for k, t in enumerate(self.seg_tenant.tolist())]
 
-    def tensors(self):
-        return self.order, self.seg_start, self.seg_tenant, self.wsel, self.unit
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The ``groups`` argument of the ``iapt::multi_tenant_generator`` ops: ``(order, seg_start,
+        seg_tenant, wsel, unit)``, and ``absent`` after them when it is known."""
+        fields = (self.order, self.seg_start, self.seg_tenant, self.wsel, self.unit)
+        return fields if self.absent is None else (*fields, self.absent)

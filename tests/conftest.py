@@ -11,6 +11,9 @@
    (the C++ backend is CPU code; the float64 ground truth is computed on CPU from the same values); a
    `triton` case on CPU needs the interpreter, which is off when CUDA is present.
 5. Every uninitialised output is poisoned with NaN, so a kernel that forgets an element fails.
+6. A `triton` case on CPU runs inside `iapt_kernels.library.triton_on_cpu()`: the iapt:: ops know no
+   backend (CPU tensors run C++), so the case makes the Triton launchers their CPU kernels for its
+   duration (helpers.cpu_kernels).
 """
 
 import os
@@ -69,3 +72,15 @@ def poison_uninitialized_memory():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture(autouse=True)
+def triton_cases_run_triton_on_cpu(request):
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    if not CUDA and params.get("backend") == "triton" and params.get("device", "cpu") == "cpu":
+        from helpers import cpu_kernels
+
+        with cpu_kernels("triton"):
+            yield
+    else:
+        yield

@@ -1,5 +1,7 @@
 """Shared test helpers: the error measure and tolerances of docs/design.md section 5."""
 
+import contextlib
+
 import torch
 
 
@@ -16,3 +18,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+def cpu_kernels(backend: str):
+    """The context in which `iapt::` ops on CPU tensors run `backend`: ``"triton"``, the Triton
+    launchers in the interpreter (`iapt_kernels.library.triton_on_cpu`, the test route); anything
+    else, the kernels as registered (C++)."""
+    from iapt_kernels.library import triton_on_cpu
+
+    return triton_on_cpu() if backend == "triton" else contextlib.nullcontext()

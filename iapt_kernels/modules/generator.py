@@ -27,7 +27,11 @@ class PromptGenerator(_ReferencePromptGenerator):
     _check_backend = staticmethod(check_backend)
 
     def pooled(
-        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         return attention_pool(
             hidden_states,
@@ -36,5 +40,6 @@ class PromptGenerator(_ReferencePromptGenerator):
             self.down.bias,
             self.pool.weight,
             cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             backend=self.backend,
         )

@@ -34,7 +34,9 @@ class MultiTenantPromptGenerator(_ReferenceMultiTenant):
     def _single_cls():
         return PromptGenerator
 
-    def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
+    def _prompts(
+        self, hidden_states, mask, cu_seqlens, groups: TenantGroups, max_seqlen=None
+    ) -> torch.Tensor:
         return multi_tenant_generator(
             hidden_states,
             mask,
@@ -42,5 +44,6 @@ class MultiTenantPromptGenerator(_ReferenceMultiTenant):
             *self._stacked_weights(),
             version=self.version,
             cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             backend=self.backend,
         )

@@ -73,10 +73,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._contract import MAX_TOKENS, compute_dtype
 from .._validate import check_max_seqlen
-from .utils import compute_dtype
 
-MAX_TOKENS = 64  # largest L the kernels are compiled for (L is padded to a power of two >= 16)
 NUM_WARPS = 4
 NUM_STAGES = 3  # depth of the software pipeline over d: loads of NUM_STAGES - 1 tiles in flight
 BLOCK_S = 32  # rows per block: the M (or K) of every tl.dot
@@ -349,7 +348,12 @@ def _attention_pool_bwd_kernel(
 def _layout(h, mask, cu_seqlens, max_seqlen):
     """`(B, S, D, packed, mask_arg, cu_arg)` with dummy pointers for the layout not in use."""
     if cu_seqlens is not None:
-        check_max_seqlen(cu_seqlens, max_seqlen)
+        if cu_seqlens.device.type == "cpu":
+            check_max_seqlen(cu_seqlens, max_seqlen)
+        elif cu_seqlens.numel() > 1:
+            # On the device, without a host read: a caller passes max_seqlen to avoid exactly that.
+            longest = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
+            torch._assert_async(longest <= max_seqlen, "a packed sequence is longer than max_seqlen")
         B, S, D = cu_seqlens.numel() - 1, max_seqlen, h.shape[1]
         return B, S, D, True, cu_seqlens, cu_seqlens
     B, S, D = h.shape
@@ -530,39 +534,6 @@ def nonempty(mask, cu_seqlens, cdt, B, device):
     if mask.shape[1] == 0:
         return torch.zeros(B, dtype=cdt, device=device)
     return mask.any(dim=1).to(cdt)
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-class AttentionPoolFunction(torch.autograd.Function):
-    """Differentiable attention pooling over the `iapt::attention_pool_fwd/bwd` library ops.
-
-    Saves only `A (B, S, L)`, `Z (B, L, d)` and `n (B,)` beside the inputs: nothing of size `S x r`.
-    """
-
-    @staticmethod
-    def forward(ctx, h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend,
-                full_precision=False):
-        u, a, z, n = torch.ops.iapt.attention_pool_fwd(
-            h, mask, cu_seqlens, down_weight, down_bias, pool_weight, max_seqlen, backend)
-        if full_precision and u.dtype != z.dtype:
-            # U again from the saved fp32 Z, unrounded, for callers that keep fusing after the pool
-            # (the multi-tenant CPU path); L x d x r per sequence, next to nothing.
-            cdt = z.dtype
-            u = torch.baddbmm(n[:, None, None] * down_bias.to(cdt), z, down_weight.to(cdt).t().expand(z.shape[0], -1, -1))
-        ctx.save_for_backward(h, mask, cu_seqlens, down_weight, pool_weight, a, z, n)
-        ctx.meta = (max_seqlen, backend)
-        ctx.mark_non_differentiable(a, z, n)
-        return u, a, z, n
-
-    @staticmethod
-    def backward(ctx, gu, _ga, _gz, _gn):
-        h, mask, cu_seqlens, down_weight, pool_weight, a, z, n = ctx.saved_tensors
-        max_seqlen, backend = ctx.meta
-        gh, gwd, gbd, gwp = torch.ops.iapt.attention_pool_bwd(
-            gu.contiguous(), h, mask, cu_seqlens, down_weight, pool_weight, a, z, n, max_seqlen, backend)
-        return gh, None, None, gwd, gbd, gwp, None, None, None
 
 
 # --------------------------------------------------------------------------- launch configurations

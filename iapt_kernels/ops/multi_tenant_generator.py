@@ -51,7 +51,6 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from ..tenants import TenantGroups
 from .attention_pool import MAX_TOKENS, block_sizes, nonempty, stream_bwd, stream_fwd
 from .utils import compute_dtype, rational_terms
 
@@ -441,10 +440,13 @@ def _pool_weights(wd, bd, wp, seg_start_unit, seg_tenant, cdt, dot):
     return wdp, c
 
 
-def multi_tenant_generator_fwd(h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit,
-                               wd, bd, wp, num, den, wu, bu, version, max_seqlen):
-    """Triton forward: `(P (B, L, d) in h.dtype, A, Z, U, G, n, Wdp)`, the rest in the compute dtype
-    and saved for the backward. Rows of requests without an adapter are 0 in `P`."""
+def multi_tenant_generator_fwd(h, mask, cu_seqlens, groups, weights, version, max_seqlen):
+    """Triton forward, the `iapt::multi_tenant_generator_fwd` schema (iapt_kernels/schemas.py):
+    `groups` = TenantGroups.tensors(), `weights` = (Wd, bd, Wp, num, den, Wu, bu). Returns
+    `(P (B, L, d) in h.dtype, A, Z, U, G, n, Wdp)`, the rest in the compute dtype and saved for the
+    backward. Rows of requests without an adapter are 0 in `P`."""
+    order, seg_start, seg_tenant, wsel, unit = groups[:5]
+    wd, bd, wp, num, den, wu, bu = weights
     cdt = compute_dtype(h)
     dot = dot_mode(h.dtype)
     h = h.contiguous()
@@ -466,11 +468,16 @@ def multi_tenant_generator_fwd(h, mask, cu_seqlens, order, seg_start, seg_tenant
     return p, a, z, u, g, n, wdp
 
 
-def multi_tenant_generator_bwd(gp, h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit,
-                               wd, wp, num, den, wu, a, z, u, g, n, wdp, version, max_seqlen, absent=None):
-    """Triton backward: `(gH, gWd, gbd, gWp, gnum, gden, gWu, gbu)`, the weight gradients in their
-    weights' dtypes (`gnum`, `gden` in the compute dtype), each present tenant's slice written once;
-    absent tenants' slices are exactly 0 (filled, never computed; `absent` from TenantGroups)."""
+def multi_tenant_generator_bwd(gp, h, mask, cu_seqlens, groups, weights, saved, version, max_seqlen):
+    """Triton backward, the `iapt::multi_tenant_generator_bwd` schema: `weights` = (Wd, Wp, num, den,
+    Wu), `saved` = the forward's (A, Z, U, G, n, Wdp). Returns `(gH, gWd, gbd, gWp, gnum, gden, gWu,
+    gbu)`, the weight gradients in their weights' dtypes (`gnum`, `gden` in the compute dtype), each
+    present tenant's slice written once; absent tenants' slices are exactly 0 (filled, never
+    computed; the sixth entry of `groups`, TenantGroups.absent, lists them when it is known)."""
+    order, seg_start, seg_tenant, wsel, unit = groups[:5]
+    absent = groups[5] if len(groups) > 5 else None
+    wd, wp, num, den, wu = weights
+    a, z, u, g, n, wdp = saved
     cdt = compute_dtype(h)
     dot = dot_mode(h.dtype)
     h = h.contiguous()
@@ -522,44 +529,6 @@ def multi_tenant_generator_bwd(gp, h, mask, cu_seqlens, order, seg_start, seg_te
     _matmul_split(gwdp_t, (L * d, d, 1), wd, (r * d, 1, d), gwp, (L * r, r, 1), units, rsel_units, L, d, r,
                   dot=dot, x_pos=True)
     return gh, gwd, gbd, gwp, gnum, gden, gwu, gbu
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-class MultiTenantGeneratorFunction(torch.autograd.Function):
-    """Differentiable multi-tenant generator over the `iapt::multi_tenant_generator_fwd/bwd` ops.
-
-    Saves `A (B, S, L)`, `Z (B, L, d)`, `U`, `G (B, L, r)`, `n (B,)` and `Wdp (K, d, L)` beside the
-    inputs: nothing of size `S x r`, no copy of any tenant's weights.
-    """
-
-    @staticmethod
-    def forward(ctx, h, mask, cu_seqlens, groups, wd, bd, wp, num, den, wu, bu, version, max_seqlen, backend):
-        cdt = compute_dtype(h)
-        numc, denc = num.to(cdt).contiguous(), den.to(cdt).contiguous()
-        weights = [t.contiguous() for t in (wd, bd, wp, wu, bu)]
-        wd, bd, wp, wu, bu = weights
-        p, a, z, u, g, n, wdp = torch.ops.iapt.multi_tenant_generator_fwd(
-            h, mask, cu_seqlens, *groups.tensors(), wd, bd, wp, numc, denc, wu, bu, version, max_seqlen,
-            backend)
-        ctx.save_for_backward(h, mask, cu_seqlens, *groups.tensors(), wd, wp, numc, denc, wu,
-                              a, z, u, g, n, wdp, groups.absent)
-        ctx.meta = (version, max_seqlen, backend, [t.dtype for t in (wd, bd, wp, num, den, wu, bu)])
-        return p
-
-    @staticmethod
-    def backward(ctx, gp):
-        (h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit, wd, wp, num, den, wu,
-         a, z, u, g, n, wdp, absent) = ctx.saved_tensors
-        version, max_seqlen, backend, dtypes = ctx.meta
-        grads = torch.ops.iapt.multi_tenant_generator_bwd(
-            gp.contiguous(), h, mask, cu_seqlens, order, seg_start, seg_tenant, wsel, unit,
-            wd, wp, num, den, wu, a, z, u, g, n, wdp, version, max_seqlen, backend, absent)
-        gh, *gw = grads
-        # A no-op but for the coefficients (computed in the compute dtype) and mixed-dtype weights.
-        gwd, gbd, gwp, gnum, gden, gwu, gbu = (t.to(dt) for t, dt in zip(gw, dtypes))
-        return gh, None, None, None, gwd, gbd, gwp, gnum, gden, gwu, gbu, None, None, None
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -672,4 +641,4 @@ def launch_configs():
             )
 
 
-__all__ = ["TenantGroups", "MultiTenantGeneratorFunction", "MAX_TOKENS", "block_sizes"]
+__all__ = ["MAX_TOKENS", "block_sizes", "multi_tenant_generator_fwd", "multi_tenant_generator_bwd"]

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import compute_dtype, rational_pq, rational_terms
+from .utils import rational_pq, rational_terms
 
 FWD_BLOCK, FWD_WARPS = 1024, 4
 BWD_BLOCK, BWD_WARPS = 1024, 4
@@ -155,35 +155,6 @@ def rational_bwd(
     dnum = partials[:, :, :k].sum(dim=1, dtype=torch.float64).to(numerator.dtype)
     dden = partials[:, :, k:].sum(dim=1, dtype=torch.float64).to(numerator.dtype)
     return dx, dnum, dden
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-class RationalFunction(torch.autograd.Function):
-    """Differentiable rational activation over the `iapt::rational_fwd/bwd` library ops.
-
-    `backend` is `"triton"` or `"cpp"`; it is passed to the ops, which dispatch on the device
-    (CUDA: Triton; CPU: the C++ kernel, or Triton in the interpreter when asked for).
-    """
-
-    @staticmethod
-    def forward(ctx, x, numerator, denominator, version, backend):
-        cdt = compute_dtype(x)
-        num = (numerator.unsqueeze(0) if numerator.dim() == 1 else numerator).to(cdt).contiguous()
-        den = (denominator.unsqueeze(0) if denominator.dim() == 1 else denominator).to(cdt).contiguous()
-        xc = x.contiguous()
-        ctx.save_for_backward(xc, num, den)
-        ctx.meta = (version, backend, numerator.shape, numerator.dtype, denominator.shape, denominator.dtype)
-        return torch.ops.iapt.rational_fwd(xc, num, den, version, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        xc, num, den = ctx.saved_tensors
-        version, backend, nshape, ndtype, dshape, ddtype = ctx.meta
-        # `.sum().backward()` hands us a stride-0 gradient: the kernels need it dense.
-        dx, dnum, dden = torch.ops.iapt.rational_bwd(grad.contiguous(), xc, num, den, version, backend)
-        return dx, dnum.reshape(nshape).to(ndtype), dden.reshape(dshape).to(ddtype), None, None
 
 
 # --------------------------------------------------------------------------- launch configurations

@@ -5,16 +5,12 @@ fused epilogue cannot drift apart.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from .._contract import compute_dtype
+
 __all__ = ["compute_dtype", "rational_pq", "rational_terms"]
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """Kernels compute in float64 for float64 inputs, float32 otherwise (docs/design.md section 5)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # Coefficients are read as `tl.load(a + j)`: `a` is a scalar pointer (one coefficient row for the

@@ -75,9 +75,14 @@ class PromptGenerator(nn.Module):
         return "reference"
 
     def pooled(
-        self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """``U (B, L, r)``: the pooled bottleneck features, before the activation."""
+        """``U (B, L, r)``: the pooled bottleneck features, before the activation (the reference
+        reads the lengths from ``cu_seqlens`` itself and ignores ``max_seqlen``)."""
         return attention_pool(
             hidden_states, mask, self.down.weight, self.down.bias, self.pool.weight, cu_seqlens=cu_seqlens
         )
@@ -88,10 +93,14 @@ class PromptGenerator(nn.Module):
         mask: torch.Tensor | None = None,
         *,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Prompts ``P (B, L, d)`` from hidden states ``(B, S, d)`` and an instruction mask ``(B, S)``,
-        or from packed ``(N, d)`` instruction tokens with ``cu_seqlens``."""
-        return F.linear(self.act(self.pooled(hidden_states, mask, cu_seqlens)), self.up.weight, self.up.bias)
+        or from packed ``(N, d)`` instruction tokens with ``cu_seqlens`` (and optionally
+        ``max_seqlen``, the longest sequence: the fused modules then read nothing back from the
+        device, as :func:`iapt_kernels.attention_pool`)."""
+        pooled = self.pooled(hidden_states, mask, cu_seqlens, max_seqlen)
+        return F.linear(self.act(pooled), self.up.weight, self.up.bias)
 
     def extra_repr(self) -> str:
         return (

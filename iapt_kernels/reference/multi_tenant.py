@@ -230,6 +230,7 @@ class MultiTenantPromptGenerator(nn.Module):
         slot_index: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         groups: TenantGroups | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Prompts of each request's tenant.
 
@@ -245,6 +246,8 @@ class MultiTenantPromptGenerator(nn.Module):
                 prompts out of place, since the generator saves ``hidden_states`` for its backward.)
             groups: the batch's :class:`TenantGroups` (``TenantGroups.build(tenant_ids, T)``), to build
                 the grouping once and reuse it across layers.
+            max_seqlen: with ``cu_seqlens``, the longest sequence's length or more: the fused
+                modules then read nothing back from the device (as :func:`iapt_kernels.attention_pool`).
 
         Returns:
             ``P (B, L, d)`` (rows of tenant ``-1`` are 0), or ``hidden_states`` when ``slot_index`` is given.
@@ -269,7 +272,7 @@ class MultiTenantPromptGenerator(nn.Module):
                 "has no slot positions"
             )
         # Validates the inputs against the weights and the groups (batch size) before any kernel runs.
-        prompts = self._prompts(hidden_states, mask, cu_seqlens, groups)
+        prompts = self._prompts(hidden_states, mask, cu_seqlens, groups, max_seqlen)
         if slot_index is None:
             return prompts
         check_slot_index(
@@ -293,8 +296,11 @@ class MultiTenantPromptGenerator(nn.Module):
             self.up.bias,
         )
 
-    def _prompts(self, hidden_states, mask, cu_seqlens, groups: TenantGroups) -> torch.Tensor:
-        """``P (B, L, d)``: each present tenant's sub-batch through the single-tenant reference."""
+    def _prompts(
+        self, hidden_states, mask, cu_seqlens, groups: TenantGroups, max_seqlen=None
+    ) -> torch.Tensor:
+        """``P (B, L, d)``: each present tenant's sub-batch through the single-tenant reference
+        (which reads the lengths from ``cu_seqlens`` and ignores ``max_seqlen``)."""
         return multi_tenant_generator(
             hidden_states, mask, groups, *self._stacked_weights(), version=self.version, cu_seqlens=cu_seqlens
         )
