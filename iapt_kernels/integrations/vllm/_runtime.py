@@ -12,6 +12,7 @@ from torch import nn
 from vllm.forward_context import get_forward_context
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from ...tenants import TenantGroups
 from . import _config
 
 # The tracker of this worker process (one model runner, one persistent batch per worker).
@@ -77,10 +78,11 @@ class _Plan:
     """Where one step's prompts come from and go: packed instruction rows, their request offsets,
     tenants and slot rows, all as index tensors on the model's device."""
 
-    __slots__ = ("instr", "cu", "tenant_ids", "slots", "groups")
+    __slots__ = ("instr", "cu", "max_seqlen", "tenant_ids", "slots", "groups")
 
-    def __init__(self, instr, cu, tenant_ids, slots, groups):
-        self.instr, self.cu, self.tenant_ids, self.slots, self.groups = instr, cu, tenant_ids, slots, groups
+    def __init__(self, instr, cu, max_seqlen, tenant_ids, slots, groups):
+        self.instr, self.cu, self.max_seqlen = instr, cu, max_seqlen
+        self.tenant_ids, self.slots, self.groups = tenant_ids, slots, groups
 
 
 class IAPTRuntime:
@@ -172,11 +174,10 @@ class IAPTRuntime:
             return
         dev = positions.device
         tenant_ids = torch.tensor(tids, device=dev)
-        from ...tenants import TenantGroups
-
         self.plan = _Plan(
             torch.cat(instr).to(dev),
             torch.tensor(cu, dtype=torch.int32, device=dev),
+            max(b - a for a, b in zip(cu, cu[1:])),  # known on the host: no layer reads it back
             tenant_ids,
             torch.cat(slots).to(dev),
             TenantGroups.from_valid_ids(tenant_ids, len(self.tenants)),
@@ -198,7 +199,9 @@ class IAPTRuntime:
             gen = self.generators[index]
             p0 = gen.down.weight
             x = stream.index_select(0, plan.instr).to(p0.dtype)
-            prompts = gen(x, None, cu_seqlens=plan.cu, groups=plan.groups)  # (B_p, L, d)
+            prompts = gen(
+                x, None, cu_seqlens=plan.cu, groups=plan.groups, max_seqlen=plan.max_seqlen
+            )  # (B_p, L, d)
             self.stats["generator_calls"] += 1
             values = prompts.reshape(-1, prompts.shape[-1]).to(hidden.dtype)
             hidden = hidden.index_copy(0, plan.slots, values)
