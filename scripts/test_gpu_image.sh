@@ -46,7 +46,7 @@ assert os.path.realpath(iapt_kernels.__file__).startswith(here), f"imported {iap
 PY
 
 stamp "1/3 tests: the Triton-interpreter cases and the Hugging Face tests"
-python -m pytest tests -p no:cacheprovider -q -k "triton or attention_pool_stream or hf_path or hf_traps or integration or response_prefix or convergence"
+python -m pytest tests --all -p no:cacheprovider -q -k "triton or attention_pool_stream or hf_path or hf_traps or integration or response_prefix or convergence"
 
 stamp "2/3 scripts/gpu_check.sh --smoke"
 out=$(mktemp -d)

@@ -14,6 +14,12 @@
 6. A `triton` case on CPU runs inside `iapt_kernels.library.triton_on_cpu()`: the iapt:: ops know no
    backend (CPU tensors run C++), so the case makes the Triton launchers their CPU kernels for its
    duration (helpers.cpu_kernels).
+7. Two tiers. Plain `python -m pytest` is the fast tier, the inner loop: every test not marked `slow`
+   (at least one case of every kind of check, so a broken op, backend or HF path still fails there).
+   The slow tier (marker `slow`: the tooling, distributed runs, the static report, the GPU-check smoke,
+   the long parity grids and the long fuzz profile) runs with `--all` (both tiers, what
+   scripts/test.sh runs) or `-m slow` (that tier alone). An explicit `-m` expression selects by itself,
+   and a test named by its node id (`file::test[...]`) runs whatever its tier.
 """
 
 import os
@@ -40,18 +46,37 @@ NEEDS_CUDA = "needs CUDA"
 INTERPRETER_OFF = "the Triton interpreter is off where CUDA is present: Triton runs on the cuda case"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="run both tiers, the fast default and the slow tier (marker slow); scripts/test.sh runs this",
+    )
+
+
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 
 
+def _fast_tier_only(config) -> bool:
+    """The slow tier is left out unless asked for: `--all`, any `-m` expression (it says by itself
+    what to run), or a test named by its node id."""
+    named = any("::" in str(arg) for arg in config.args)
+    return not (config.getoption("all") or config.option.markexpr or named)
+
+
 def pytest_collection_modifyitems(config, items):
+    fast_only = _fast_tier_only(config)
     selected, dropped = [], []
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
         device, backend = params.get("device"), params.get("backend")
         if device == "cuda" and backend in ("cpp", "reference"):
             dropped.append(item)  # a CPU-only backend, or the ground truth: no CUDA case to run
+            continue
+        if fast_only and item.get_closest_marker("slow"):
+            dropped.append(item)  # the slow tier: `--all` or `-m slow` runs it
             continue
         if item.get_closest_marker("gpu") and not CUDA:
             item.add_marker(pytest.mark.skip(reason=NEEDS_CUDA))

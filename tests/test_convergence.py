@@ -44,6 +44,18 @@ FUSED = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The runs are thousands of tiny ops: with a second intra-op thread, a busy neighbour on a 2-core
+    machine stalls every op at its barrier (measured: 118 s for this file against 5.5 s with one thread,
+    beside one busy process). Both sides of each comparison run alike; the C++ kernels' threading is
+    the op tests' business."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fixed_batches(num_tenants: int = 1, seed: int = 0) -> list[dict]:
     """``NUM_BATCHES`` right-padded batches of odd-length random instructions, each answered by a token
     repeated 1-5 times that says the parity of its first token."""

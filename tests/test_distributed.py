@@ -18,6 +18,8 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 WORLD = 2
+# Slow tier: each case starts two processes that import torch and transformers and train.
+pytestmark = pytest.mark.slow
 
 
 def _worker(rank: int, init_file: str, out_dir: str, mode: str) -> None:

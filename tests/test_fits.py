@@ -67,6 +67,7 @@ def test_every_fit_is_stored():
         assert 0.0 <= err < 1.0, (name, version, m, n)
 
 
+@pytest.mark.slow  # every stored fit on the dense grid: the longest of this file (about 10 s)
 def test_stored_errors_hold():
     """Every fit's max abs error on the grid is at most the stored number (vectorised per group)."""
     targets = {name: _target(name, X) for name in FITTED}

@@ -324,9 +324,19 @@ def test_lengths_are_checked():
 COMPILE_BACKEND = os.environ.get("IAPT_TEST_COMPILE_BACKEND", "aot_eager")
 
 
-@pytest.mark.parametrize("tenants", [1, pytest.param(3, marks=needs_mt)])
-@pytest.mark.parametrize("record", [True, False])  # with the batch's slot_mask, and checked by its tokens
-def test_compile_fullgraph_forward_backward_equals_eager(tenants, record):
+# record: with the batch's slot_mask (True), or checked by its tokens (False). Each case compiles the
+# model afresh (3 to 7 s here), so the fast tier keeps two that between them hold both values of each
+# argument; the other pairs are `slow`.
+@pytest.mark.parametrize(
+    "record, tenants",
+    [
+        pytest.param(True, 1, id="True-1"),
+        pytest.param(False, 3, id="False-3", marks=needs_mt),
+        pytest.param(True, 3, id="True-3", marks=[needs_mt, pytest.mark.slow]),
+        pytest.param(False, 1, id="False-1", marks=pytest.mark.slow),
+    ],
+)
+def test_compile_fullgraph_forward_backward_equals_eager(record, tenants):
     torch._dynamo.reset()
     w = wrap(tiny_model("llama"), num_tenants=tenants)
     b = batch("right")

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+# Slow tier: one ahead-of-time compile of the sample for two architectures, about 45 s on 2 cores.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
