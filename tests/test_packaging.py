@@ -43,6 +43,7 @@ def test_setup_without_torch_fails_loudly():
     assert "skipping the C++ extension" in ok.stderr
 
 
+@pytest.mark.slow  # a whole tool run: the slow tier
 def test_setup_compiles_with_ninja_without_debug_info():
     pytest.importorskip("torch.utils.cpp_extension")
     pytest.importorskip("ninja", reason="the test command installs ninja; without it the build is serial")

@@ -174,6 +174,7 @@ def test_e2e_sentences_say_who_wins_by_how_much():
     assert "IAPT is faster" not in prefill and "multi-LoRA is faster at 1, 2 and 4" in prefill
 
 
+@pytest.mark.slow  # a whole tool run: the slow tier
 def test_quick_report_writes_every_file(tmp_path, monkeypatch):
     from benchmarks import cases
     from benchmarks.cli import main

@@ -62,6 +62,7 @@ def run(tmp_path, tiny_dir, *extra):
     return rt.main(argv), out
 
 
+@pytest.mark.slow  # a whole tool run: the slow tier
 def test_jsonl_comparison_end_to_end(tmp_path, tiny_dir, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", colour_rows(40, 0))
     test = write_jsonl(tmp_path / "test.jsonl", colour_rows(12, 1))
