@@ -18,7 +18,8 @@
    (at least one case of every kind of check, so a broken op, backend or HF path still fails there).
    The slow tier (marker `slow`: the tooling, distributed runs, the static report, the GPU-check smoke,
    the long parity grids and the long fuzz profile) runs with `--all` (both tiers, what
-   scripts/test.sh runs) or `-m slow` (that tier alone). An explicit `-m` expression selects by itself,
+   scripts/test.sh runs) or `-m slow` (that tier alone). `slow_on_cpu` puts a case's CPU run in the
+   slow tier and leaves its CUDA run where it was (cheap there, and in scripts/gpu_check.sh's subset). An explicit `-m` expression selects by itself,
    and a test named by its node id (`file::test[...]`) runs whatever its tier.
 """
 
@@ -66,12 +67,15 @@ def _fast_tier_only(config) -> bool:
     return not (config.getoption("all") or config.option.markexpr or named)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own `-m` selection, which must see `slow_on_cpu`'s mark
 def pytest_collection_modifyitems(config, items):
     fast_only = _fast_tier_only(config)
     selected, dropped = [], []
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
         device, backend = params.get("device"), params.get("backend")
+        if device == "cpu" and item.get_closest_marker("slow_on_cpu"):
+            item.add_marker(pytest.mark.slow)
         if device == "cuda" and backend in ("cpp", "reference"):
             dropped.append(item)  # a CPU-only backend, or the ground truth: no CUDA case to run
             continue

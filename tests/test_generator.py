@@ -109,15 +109,16 @@ def check_parity(out, ref, tol, context):
 
 
 def _parity_cases():
-    """One case per shape: fp32 over the full grid (the cases outside the pairwise subset in the slow
-    tier), fp16 (slow) and bf16 over the pairwise subset. The mask kind cycles with the position."""
+    """One case per shape: fp32 over the full grid (on CPU, the cases outside the pairwise subset in
+    the slow tier), fp16 (slow) and bf16 over the pairwise subset. The mask kind cycles with the
+    position."""
     subset = pairwise_subset(SHAPES)
     cases = []
     for dtype, shapes in ((torch.float32, SHAPES), (torch.float16, subset), (torch.bfloat16, subset)):
         for i, shape in enumerate(shapes):
             slow = dtype == torch.float16 or shape not in subset
             cid = f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}-{MASK_KINDS[i % len(MASK_KINDS)]}"
-            marks = (pytest.mark.slow,) if slow else ()
+            marks = (pytest.mark.slow if dtype == torch.float16 else pytest.mark.slow_on_cpu,) if slow else ()
             cases.append(pytest.param(dtype, shape, MASK_KINDS[i % len(MASK_KINDS)], id=cid, marks=marks))
     return cases
 

@@ -139,9 +139,9 @@ GRID = list(itertools.product(MIXES, [1, 3, 7, 33], [1, 5, 64]))
 
 
 def _b33_slow(case, cid=None):
-    """The B=33 row of the grid (every request mix and tenant count again, at 33 requests) runs in the
-    slow tier; the other rows keep each mix and tenant count in the fast one."""
-    return pytest.param(*case, id=cid, marks=(pytest.mark.slow,) if 33 in case[-3:-1] else ())
+    """The B=33 row of the grid (every request mix and tenant count again, at 33 requests) runs on CPU
+    in the slow tier; the other rows keep each mix and tenant count in the fast one."""
+    return pytest.param(*case, id=cid, marks=(pytest.mark.slow_on_cpu,) if 33 in case[-3:-1] else ())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
