@@ -6,6 +6,7 @@ Below the model and the adapter files: both build generators through :func:`new_
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +34,22 @@ class IAPTConfig:
         num_tenants: ``1`` for one adapter; ``T > 1`` for a multi-tenant model where each request
             picks its adapter with ``tenant_ids``.
         backend: kernel backend of the generators, ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+        gate_init: each layer's prompts are multiplied by a learned scalar gate that starts at this
+            value (default 0: a fresh adapter writes zero prompts, and ``up`` keeps its random
+            start); ``None``: no gate. Adapters saved before the gate existed have no such key in
+            ``iapt_config.json`` and load as ``None``, unchanged. With a gate, call
+            :meth:`IAPTModel.calibrate` before training (docs/design.md section 1, "Initialisation").
     """
 
     num_tokens: int = 4
-    bottleneck_size: int = 256
+    bottleneck_size: int = 16
     degrees: tuple[int, int] = (5, 4)
     activation_init: str = "gelu"
     version: str = "B"
     share_projections: bool = False
     num_tenants: int = 1
     backend: str = "auto"
+    gate_init: float | None = 0.0
 
     def __post_init__(self) -> None:
         self.degrees = tuple(int(x) for x in self.degrees)
@@ -59,6 +66,12 @@ class IAPTConfig:
         except ValueError as exc:
             raise ValueError(f"IAPTConfig.{exc}") from None
         check_tokens_for_backend(self.num_tokens, self.backend)
+        if self.gate_init is not None:
+            if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
+                raise ValueError(f"IAPTConfig.gate_init must be a float or None, got {self.gate_init!r}")
+            self.gate_init = float(self.gate_init)
+            if not math.isfinite(self.gate_init):
+                raise ValueError(f"IAPTConfig.gate_init must be finite, got {self.gate_init!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``degrees`` as a list)."""
@@ -68,12 +81,13 @@ class IAPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IAPTConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error. A dict without ``gate_init`` (an
+        adapter saved before the gate existed) means ``gate_init=None``: no gate, as it was trained."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown IAPTConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"gate_init": None, **d})
 
 
 def check_tokens_for_backend(num_tokens: int, backend: str) -> None:
@@ -105,5 +119,7 @@ def new_generator(
     """One layer's generator for ``config``: a :class:`PromptGenerator` for one tenant, else a
     :class:`MultiTenantPromptGenerator` (wrapping and loading build through it)."""
     if num_tenants == 1:
-        return PromptGenerator(*generator_args(config, hidden_size), backend)
-    return MultiTenantPromptGenerator(num_tenants, *generator_args(config, hidden_size), backend)
+        return PromptGenerator(*generator_args(config, hidden_size), backend, gate_init=config.gate_init)
+    return MultiTenantPromptGenerator(
+        num_tenants, *generator_args(config, hidden_size), backend, gate_init=config.gate_init
+    )

@@ -117,6 +117,8 @@ def every_tenant(
         )
         g = F_.rational(u, gen.act.numerator[t], gen.act.denominator[t], version=gen.version, backend=backend)
         p = torch.nn.functional.linear(g, gen.up.weight[t], gen.up.bias[t])
+        if gen.gate is not None:
+            p = p * gen.gate[t]
         out = torch.zeros_like(p) if out is None else out
         out = torch.where((tenant_ids == t)[:, None, None], p, out)
     return out

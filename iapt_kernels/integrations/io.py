@@ -34,13 +34,38 @@ UNTRAINED_KEY = "untrained_tenants"  # adapter metadata: tenants saved with thei
 FORMAT_VERSION = 1
 
 
+def _gate_mismatch(what: str) -> ValueError:
+    return ValueError(
+        f"{what} has a gate (IAPTConfig.gate_init) and the model's generators have none: load it into a "
+        "model built with the adapter's own config (load_iapt on the bare backbone, or IAPTModel."
+        "from_pretrained)"
+    )
+
+
 def set_tenant(mt: MultiTenantPromptGenerator, t: int, gen: PromptGenerator) -> None:
     """Write single-tenant generator ``gen`` into tenant slot ``t`` of ``mt``: each stacked parameter
-    is named like the single generator's, with a leading tenant axis."""
+    is named like the single generator's, with a leading tenant axis. An ungated ``gen`` in a gated
+    ``mt`` gets gate 1, which reproduces it exactly (``x * 1 == x``); a gated one in an ungated
+    ``mt`` is refused."""
     stacked = dict(mt.named_parameters())
+    if gen.gate is not None and mt.gate is None:
+        raise _gate_mismatch("the adapter")
     with torch.no_grad():
         for name, p in gen.named_parameters():
             stacked[name][t].copy_(p.reshape(stacked[name][t].shape))
+        if gen.gate is None and mt.gate is not None:
+            mt.gate[t] = 1.0
+
+
+def load_generator(gen: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """``gen.load_state_dict(sd)``, where a state dict without ``gate`` (saved ungated, e.g. before
+    the gate existed) loads into a gated ``gen`` with gate 1, exactly as it was trained; a gated
+    state dict into an ungated ``gen`` is refused."""
+    if gen.gate is not None and "gate" not in sd:
+        sd = {**sd, "gate": torch.ones_like(gen.gate)}
+    elif gen.gate is None and "gate" in sd:
+        raise _gate_mismatch("the adapter")
+    gen.load_state_dict(sd)
 
 
 def check_tenant(t, T: int) -> int:
@@ -264,16 +289,16 @@ def load_layers(gens, layers, saved_cfg: IAPTConfig, cfg: IAPTConfig, hidden_siz
         if Ts != Tm:
             raise ValueError(f"adapter has num_tenants={Ts}, the model {Tm}: pass tenant= to pick a slot")
         for g, sd in zip(gens, layers):
-            g.load_state_dict(sd)
+            load_generator(g, sd)
         return
     if Ts == 1 and Tm == 1:
         check_tenant(tenant, 1)
         for g, sd in zip(gens, layers):
-            g.load_state_dict(sd)
+            load_generator(g, sd)
     elif Ts == 1:
         check_tenant(tenant, Tm)
         for g, sd in zip(gens, layers):
-            single = new_generator(cfg, hidden_size)
+            single = new_generator(saved_cfg, hidden_size)
             single.load_state_dict(sd)
             p0 = next(g.parameters())
             set_tenant(g, tenant, single.to(device=p0.device, dtype=p0.dtype))
@@ -286,7 +311,7 @@ def load_layers(gens, layers, saved_cfg: IAPTConfig, cfg: IAPTConfig, hidden_siz
             p0 = next(g.parameters())
             single = single.to(device=p0.device, dtype=p0.dtype)
             if Tm == 1:
-                g.load_state_dict(single.state_dict())
+                load_generator(g, single.state_dict())
             else:
                 check_tenant(tenant, Tm)
                 set_tenant(g, tenant, single)

@@ -190,9 +190,11 @@ class IAPTModel(nn.Module):
                 g.down, g.up = first.down, first.up
         self._mt_call = config.num_tenants > 1
         try:
-            self._position_ids_kw = "position_ids" in inspect.signature(model.forward).parameters
+            params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
-            self._position_ids_kw = False
+            params = {}
+        self._position_ids_kw = "position_ids" in params
+        self._logits_to_keep_kw = "logits_to_keep" in params
         self._state: SlotState | None = None  # armed: layer hooks replace slots
         self._calling = False  # inside forward's own backbone call
         self._gen: SlotState | None = None  # inside generate: the prompt's state
@@ -204,6 +206,9 @@ class IAPTModel(nn.Module):
         # or "loaded" (load_iapt, load_state_dict); see tenant_weights.
         self._tenant_weights = ["initial"] * config.num_tenants
         self._warned_initial = False
+        # A gate at 0 over a zero up.bias trains far worse than over a calibrated one (design.md
+        # section 1): the first training call warns once unless calibrate() ran or weights were loaded.
+        self._uncalibrated = config.gate_init is not None
         self._handles = [
             layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True)
             for i, layer in enumerate(layers)
@@ -304,12 +309,14 @@ class IAPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def param_groups(self, lr: float, up_lr_ratio: float = 1.0) -> list[dict]:
-        """Optimizer parameter groups: the generators' up-projections at ``lr * up_lr_ratio``, every
-        other trainable parameter at ``lr`` (docs/design.md section 1, "Initialisation").
+        """Optimizer parameter groups: the generators' up-projections (``up.weight``, ``up.bias``)
+        at ``lr * up_lr_ratio``, every other trainable parameter (``down``, ``pool``, ``act`` and the
+        gates) at ``lr``; pass the result to any ``torch.optim`` optimizer, e.g.
+        ``torch.optim.AdamW(model.param_groups(3e-3))``.
 
-        ``up`` starts at zero, so at the first step it is the only part with a gradient (as LoRA's
-        ``B``); a larger rate for it is LoRA+'s remedy. Pass the result to any ``torch.optim``
-        optimizer, e.g. ``torch.optim.AdamW(model.param_groups(3e-3, 4.0))``.
+        A separate rate for ``up`` is LoRA+'s remedy for a zero-initialised ``B``; the measured runs
+        (docs/design.md section 1, "Initialisation") found no gain from it for IAPT (a larger rate
+        for ``up`` trained worse over a zero ``up``), so the default ratio 1 is one group's rate.
         """
         if not (lr > 0 and up_lr_ratio > 0):
             raise ValueError(f"lr and up_lr_ratio must be > 0, got {lr!r} and {up_lr_ratio!r}")
@@ -318,6 +325,84 @@ class IAPTModel(nn.Module):
             if p.requires_grad:
                 (up if name.split(".")[-2] == "up" else rest).append(p)
         return [{"params": rest, "lr": lr}, {"params": up, "lr": lr * up_lr_ratio}]
+
+    @torch.no_grad()
+    def calibrate(self, input_ids, attention_mask=None, *, slot_token_id: int | None = None) -> "IAPTModel":
+        """Data-dependent start: set each generator's ``up.bias`` to the mean hidden state entering
+        its layer, over a batch of training text; returns ``self``.
+
+        Call it once, after :func:`apply_iapt` and before training, with a batch as the frozen model
+        sees it without IAPT: the plain ``[instruction][response]`` token ids, **no slots**
+        (``input_ids (B, S)`` integer, ``attention_mask (B, S)`` 0/1 or bool, right padding as for
+        training). The backbone runs once in eval mode, without gradients; the mean leaves out each
+        row's first attended token (the attention sink, with outsized activations) and padding. A
+        slot then starts as an average token rather than a near-zero vector that the next RMSNorm
+        scales up, and with the default gate (``IAPTConfig.gate_init=0``) it fades in from there.
+
+        Multi-tenant: every tenant's ``up.bias`` gets the layer's mean. With ``share_projections``
+        the one shared ``up.bias`` gets the average of the layers' means. ``slot_token_id``: the id
+        :func:`iapt_kernels.insert_prompt_slots` wrote at slots (default: the backbone config's
+        ``pad_token_id``, its default too); a row holding ``num_tokens`` attended such ids in a row
+        is refused as a batch with slots (``num_tokens=1`` cannot be told from a lone token).
+        """
+        self._check_hooked()
+        if isinstance(input_ids, dict) or not torch.is_tensor(input_ids):
+            raise TypeError(
+                "calibrate takes input_ids as a (B, S) tensor (and attention_mask), not "
+                f"{type(input_ids).__name__}: pass the plain batch without slots, e.g. "
+                "model.calibrate(batch['input_ids'], batch['attention_mask']) of a tokenizer's output"
+            )
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"calibrate needs integer input_ids of shape (B, S), got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            att = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        else:
+            if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+                got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask)
+                raise ValueError(
+                    f"calibrate: attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
+                )
+            att = attention_mask.bool()
+        L = self.iapt_config.num_tokens
+        slot = (
+            slot_token_id if slot_token_id is not None else getattr(self.model.config, "pad_token_id", None)
+        )
+        if slot is not None and 1 < L <= input_ids.shape[1]:
+            runs = ((input_ids == slot) & att).unfold(1, L, 1).all(-1).any(1)
+            if bool(runs.any()):
+                raise ValueError(
+                    f"calibrate takes the batch without slots, but rows {runs.nonzero().flatten().tolist()} "
+                    f"hold {L} attended slot tokens (id {slot}) in a row: a batch from insert_prompt_slots "
+                    "or IAPTDataCollator, or padding without its attention_mask. Pass the plain "
+                    "instruction + response ids and their attention_mask"
+                )
+        keep = att.clone()
+        keep[torch.arange(keep.shape[0], device=keep.device), att.long().argmax(1)] = False  # the sink
+        if not bool(keep.any()):
+            raise ValueError(
+                "calibrate: no token left to average (each row's first attended token, the attention "
+                "sink, is left out): pass rows of at least two tokens"
+            )
+        kwargs = {"output_hidden_states": True}
+        if self._logits_to_keep_kw:
+            kwargs["logits_to_keep"] = 1  # the hidden states are all it needs
+        self._position_ids(attention_mask, kwargs)
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the statistics
+        try:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).hidden_states
+        finally:
+            self.model.train(was_training)
+        means = [h[keep].mean(0) for h in hidden[: self.num_layers]]  # hidden_states[l] enters layer l
+        if self.iapt_config.share_projections:
+            means = [torch.stack(means).mean(0)] * self.num_layers
+        for g, m in zip(self.generators, means):
+            g.up.bias.copy_(m.to(g.up.bias.dtype))  # broadcast over the tenants of a stacked bias
+        self._uncalibrated = False
+        return self
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(
@@ -398,6 +483,7 @@ class IAPTModel(nn.Module):
         """Check that metadata saved by :meth:`get_extra_state` fits this model (``load_state_dict``)."""
         meta = decode_metadata(state, "the state_dict's _extra_state")
         check_metadata(meta, self.iapt_config, _base_model(self), "the state_dict")
+        self._uncalibrated = False  # trained weights, not a fresh start
         # Applied by _backbone_never_missing once the generators have loaded too.
         self._pending_untrained = list(meta.get(UNTRAINED_KEY, []))
 
@@ -678,6 +764,16 @@ class IAPTModel(nn.Module):
         )
         if labels is not None:
             kwargs["labels"] = labels
+        if self._uncalibrated and self.training and torch.is_grad_enabled():
+            self._uncalibrated = False
+            warnings.warn(
+                "IAPT: training a gated adapter (IAPTConfig.gate_init) whose up.bias was never "
+                "calibrated: call model.calibrate(input_ids, attention_mask) once on a training batch "
+                "without slots before training (a gate at 0 over a zero up.bias trained far worse; "
+                "docs/design.md section 1). Warned once per model.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._position_ids(attention_mask, kwargs)
         self._state = state
         self._calling = True
@@ -910,6 +1006,7 @@ def load_iapt(model: nn.Module, path: str | os.PathLike, tenant: int | None = No
         load_layers(model.generators, layers, saved_cfg, cfg, model.hidden_size, tenant)
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes
         raise ValueError(f"{file}: the weights do not fit the adapter's config ({exc})") from None
+    model._uncalibrated = False  # loaded weights are trained: nothing to calibrate
     if tenant is None:
         model._set_tenant_weights(range(Tm), "loaded")
         model._set_tenant_weights(untrained, "initial")

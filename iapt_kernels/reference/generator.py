@@ -2,10 +2,14 @@
 
     H' = H Wd^T + bd,  A = masked softmax_S(H' Wp^T),  U = A^T H',  G = R(U),  P = G Wu^T + bu
 
+times a learned scalar gate when the generator has one (``P = (G Wu^T + bu) * gate``),
+
 one module per decoder layer, producing the `L` soft prompts `P (B, L, d)` of that layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +33,18 @@ class PromptGenerator(nn.Module):
         degrees, activation_init, version: of the rational activation (see :class:`Rational`).
         backend: accepted for signature parity with :class:`iapt_kernels.PromptGenerator`; must be
             ``"auto"`` or ``"reference"`` here.
+        gate_init: ``None`` (default): no gate, ``P = G Wu^T + bu``. A float: a learned scalar
+            ``gate`` starting at that value multiplies the prompts, ``P = (G Wu^T + bu) * gate``.
 
     Parameters (``nn.Linear`` conventions): ``down.weight (r, d)``, ``down.bias (r)``,
     ``pool.weight (L, r)``, ``act.numerator (1, m+1)``, ``act.denominator (1, n)``,
-    ``up.weight (d, r)``, ``up.bias (d)``. ``down`` and ``pool`` keep ``nn.Linear``'s default
-    initialisation (pooling starts near a mean over the instruction), ``up`` starts small
-    (``N(0, 0.02^2)``, zero bias), so a fresh generator gives small, finite prompts. Small is not
-    harmless on a pre-norm backbone (the next RMSNorm scales a slot to unit RMS), and zero is harmless
-    but learns worse; docs/design.md section 1, "Initialisation", has the measurements (issue 20).
+    ``up.weight (d, r)``, ``up.bias (d)``, and ``gate ()`` when gated. ``down`` and ``pool`` keep
+    ``nn.Linear``'s default initialisation (pooling starts near a mean over the instruction), ``up``
+    starts small (``N(0, 0.02^2)``, zero bias). Small prompts are not harmless on a pre-norm backbone
+    (the next RMSNorm scales a slot to unit RMS); a gate at 0 makes them exactly 0 at the start while
+    ``up`` keeps its random start (:class:`iapt_kernels.IAPTConfig` does this by default, with
+    :meth:`iapt_kernels.IAPTModel.calibrate` for ``up.bias``). docs/design.md section 1,
+    "Initialisation", has the reasons and the measurements (issue 20).
     """
 
     _activation_cls = Rational
@@ -50,6 +58,7 @@ class PromptGenerator(nn.Module):
         activation_init: str = "gelu",
         version: str = "B",
         backend: str = "auto",
+        gate_init: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -68,6 +77,9 @@ class PromptGenerator(nn.Module):
         # Not zero: zero prompts start at the frozen model but trained worse (docs/design.md section 1).
         nn.init.normal_(self.up.weight, std=0.02)
         nn.init.zeros_(self.up.bias)
+        # Registered last, and drawing no random numbers: a gated generator's other parameters are
+        # those of an ungated one made from the same seed.
+        self.register_parameter("gate", None if gate_init is None else nn.Parameter(_scalar(gate_init)))
 
     @staticmethod
     def _check_backend(backend: str) -> str:
@@ -100,10 +112,18 @@ class PromptGenerator(nn.Module):
         ``max_seqlen``, the longest sequence: the fused modules then read nothing back from the
         device, as :func:`iapt_kernels.attention_pool`)."""
         pooled = self.pooled(hidden_states, mask, cu_seqlens, max_seqlen)
-        return F.linear(self.act(pooled), self.up.weight, self.up.bias)
+        out = F.linear(self.act(pooled), self.up.weight, self.up.bias)
+        return out if self.gate is None else out * self.gate
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
-            f"num_tokens={self.num_tokens}, backend={self.backend!r}"
+            f"num_tokens={self.num_tokens}, backend={self.backend!r}, gated={self.gate is not None}"
         )
+
+
+def _scalar(gate_init) -> torch.Tensor:
+    """The gate's initial value as a 0-d tensor; a bad value is an error, not a NaN gate."""
+    if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not math.isfinite(gate_init):
+        raise ValueError(f"gate_init must be a finite float or None, got {gate_init!r}")
+    return torch.tensor(float(gate_init))

@@ -4,6 +4,7 @@ single-tenant reference (attention_pool, rational, up-projection) on each tenant
 
 Request `b` of tenant `t = tenant_ids[b]` gets `P_b` of tenant `t`'s generator; `t = -1` means no
 adapter: its prompt row is 0 and, when writing into `hidden_states`, its positions are left untouched.
+A gated generator (``gate (T,)``) multiplies each row by its tenant's gate after the kernel.
 """
 
 from __future__ import annotations
@@ -107,10 +108,13 @@ class MultiTenantPromptGenerator(nn.Module):
         degrees, activation_init, version: of each tenant's rational activation.
         backend: accepted for signature parity with :class:`iapt_kernels.MultiTenantPromptGenerator`;
             must be ``"auto"`` or ``"reference"`` here.
+        gate_init: ``None`` (no gate) or each tenant's initial gate, as in
+            :class:`iapt_kernels.reference.PromptGenerator`.
 
     Parameters, stacked on a leading tenant axis: ``down.weight (T, r, d)``, ``down.bias (T, r)``,
     ``pool.weight (T, L, r)``, ``act.numerator (T, m+1)``, ``act.denominator (T, n)``,
-    ``up.weight (T, d, r)``, ``up.bias (T, d)``. Each tenant starts as a fresh
+    ``up.weight (T, d, r)``, ``up.bias (T, d)``, and ``gate (T,)`` when gated (applied to each row
+    by its tenant, after the kernel). Each tenant starts as a fresh
     :class:`iapt_kernels.reference.PromptGenerator` would.
     """
 
@@ -124,13 +128,22 @@ class MultiTenantPromptGenerator(nn.Module):
         activation_init: str = "gelu",
         version: str = "B",
         backend: str = "auto",
+        gate_init: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_tenants, int) or isinstance(num_tenants, bool) or num_tenants < 1:
             raise ValueError(f"num_tenants must be a positive int, got {num_tenants!r}")
         self.backend = self._check_backend(backend)
         gens = [
-            PromptGenerator(hidden_size, bottleneck_size, num_tokens, degrees, activation_init, version)
+            PromptGenerator(
+                hidden_size,
+                bottleneck_size,
+                num_tokens,
+                degrees,
+                activation_init,
+                version,
+                gate_init=gate_init,
+            )
             for _ in range(num_tenants)
         ]
         self._adopt(gens)
@@ -158,6 +171,8 @@ class MultiTenantPromptGenerator(nn.Module):
             numerator=stack(lambda g: g.act.numerator[0]), denominator=stack(lambda g: g.act.denominator[0])
         )
         self.up = _Stacked(weight=stack(lambda g: g.up.weight), bias=stack(lambda g: g.up.bias))
+        gated = first.gate is not None
+        self.register_parameter("gate", nn.Parameter(stack(lambda g: g.gate)) if gated else None)
 
     @staticmethod
     def _check_backend(backend: str) -> str:
@@ -169,7 +184,8 @@ class MultiTenantPromptGenerator(nn.Module):
     @classmethod
     def from_generators(cls, generators, backend: str = "auto") -> "MultiTenantPromptGenerator":
         """Stack a list of single-tenant :class:`PromptGenerator` (all of one configuration, with one
-        activation group) into a multi-tenant generator; tenant ``t`` is ``generators[t]``, exactly."""
+        activation group, all gated or none) into a multi-tenant generator; tenant ``t`` is
+        ``generators[t]``, exactly."""
         generators = list(generators)
         if not generators:
             raise ValueError("from_generators needs at least one generator")
@@ -186,6 +202,12 @@ class MultiTenantPromptGenerator(nn.Module):
             )
             if not same:
                 raise ValueError(f"generators[{i}] differs in configuration from generators[0]")
+            if (g.gate is None) != (first.gate is None):
+                raise ValueError(
+                    f"generators[{i}] is {'un' if g.gate is None else ''}gated and generators[0] is "
+                    f"{'un' if first.gate is None else ''}gated: stack generators that all have a gate "
+                    "(gate_init) or none"
+                )
             if g.act.numerator.shape[0] != 1:
                 raise ValueError(f"generators[{i}] has a grouped activation; only groups=1 can be stacked")
         self = cls.__new__(cls)
@@ -207,6 +229,7 @@ class MultiTenantPromptGenerator(nn.Module):
             self.activation_init,
             self.version,
             backend=self.backend,
+            gate_init=None if self.gate is None else 0.0,  # the value is copied below
         )
         gen = gen.to(device=self.down.weight.device, dtype=self.down.weight.dtype)
         with torch.no_grad():
@@ -273,6 +296,8 @@ class MultiTenantPromptGenerator(nn.Module):
             )
         # Validates the inputs against the weights and the groups (batch size) before any kernel runs.
         prompts = self._prompts(hidden_states, mask, cu_seqlens, groups, max_seqlen)
+        if self.gate is not None:
+            prompts = prompts * self._row_gates(groups.tenant_ids)[:, None, None]
         if slot_index is None:
             return prompts
         check_slot_index(
@@ -284,6 +309,11 @@ class MultiTenantPromptGenerator(nn.Module):
                 (active[:, None], slot_index[active]), prompts[active].to(hidden_states.dtype)
             )
         return hidden_states
+
+    def _row_gates(self, tenant_ids: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: each row's tenant's gate, 0 for tenant -1 (whose prompt rows are 0 already)."""
+        tid = tenant_ids.long()
+        return torch.where(tid >= 0, self.gate.index_select(0, tid.clamp(min=0)), 0.0)
 
     def _stacked_weights(self) -> tuple[torch.Tensor, ...]:
         return (
@@ -308,5 +338,6 @@ class MultiTenantPromptGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_tenants={self.num_tenants}, hidden_size={self.hidden_size}, "
-            f"bottleneck_size={self.bottleneck_size}, num_tokens={self.num_tokens}, backend={self.backend!r}"
+            f"bottleneck_size={self.bottleneck_size}, num_tokens={self.num_tokens}, backend={self.backend!r}, "
+            f"gated={self.gate is not None}"
         )

@@ -143,21 +143,29 @@ def stacked_generators(
 ) -> list[MultiTenantPromptGenerator]:
     """One :class:`MultiTenantPromptGenerator` per layer, tenant ``i`` = ``tenants[i]``, in fp32."""
     T = len(tenants)
-    # Stacked even for one tenant: the engine's slot writer runs the multi-tenant op for every batch.
-    gens = [
-        MultiTenantPromptGenerator(T, *generator_args(cfg, hidden_size), backend) for _ in range(num_layers)
-    ]
     cache: dict[str, tuple[IAPTConfig, list[dict]]] = {}
-    for i, a in enumerate(tenants):
+    for a in tenants:
         if a.path not in cache:
             file = os.path.join(a.path, WEIGHTS_NAME)
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file} is missing: the adapter of tenant {a.name!r} has no weights")
             saved, _ = read_iapt_config(a.path)
             cache[a.path] = (saved, layer_states(open_safetensors(file), num_layers, file))
+    # Gated if any tenant is: an ungated tenant (e.g. saved before the gate existed) then gets gate 1,
+    # which reproduces it exactly (set_tenant).
+    gated = any(saved.gate_init is not None for saved, _ in cache.values())
+    # Stacked even for one tenant: the engine's slot writer runs the multi-tenant op for every batch.
+    gens = [
+        MultiTenantPromptGenerator(
+            T, *generator_args(cfg, hidden_size), backend, gate_init=1.0 if gated else None
+        )
+        for _ in range(num_layers)
+    ]
+    for i, a in enumerate(tenants):
         saved, layers = cache[a.path]
         for l, sd in enumerate(layers):
-            single = new_generator(cfg, hidden_size, saved.num_tenants)
+            # the tenant's own config: it says whether its state dict has a gate
+            single = new_generator(saved, hidden_size, saved.num_tenants)
             single.load_state_dict(sd)
             if saved.num_tenants > 1:
                 single = single.generator(a.tenant)
