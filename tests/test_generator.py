@@ -67,11 +67,11 @@ def make_mask(kind, B, S, gen):
     return pos >= S - lengths[:, None]  # left padded
 
 
-def make_generators(B, S, d, r, L, dtype, backend, gen, device="cpu"):
+def make_generators(B, S, d, r, L, dtype, backend, gen, device="cpu", gate_init=None):
     """A fused generator in `dtype` on `device` and a float64 reference generator (CPU) holding the
-    same weights."""
+    same weights (gated with `gate_init`, when given)."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    fused = iapt_kernels.PromptGenerator(d, r, num_tokens=L, backend=backend)
+    fused = iapt_kernels.PromptGenerator(d, r, num_tokens=L, backend=backend, gate_init=gate_init)
     with torch.no_grad():  # a non-trivial up-projection and activation, so every gradient is exercised
         # Positive up-weights (with the positive upstream gradients below) keep the activation's
         # coefficient gradients, sums over B*L*r terms, free of catastrophic cancellation: with
@@ -81,7 +81,7 @@ def make_generators(B, S, d, r, L, dtype, backend, gen, device="cpu"):
         fused.act.numerator.add_(torch.randn_like(fused.act.numerator) * 0.05)
         fused.act.denominator.add_(torch.randn_like(fused.act.denominator) * 0.05)
     fused = fused.to(dtype)
-    ref = reference.PromptGenerator(d, r, num_tokens=L).double()
+    ref = reference.PromptGenerator(d, r, num_tokens=L, gate_init=gate_init).double()
     ref.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
     return fused.to(device), ref
 
@@ -96,7 +96,8 @@ def run_generator(module, h, mask, grad, cu_seqlens=None):
     p = module(h, mask, cu_seqlens=cu_seqlens)
     p.backward(grad)
     params = dict(module.named_parameters())
-    return {"P": p, "hidden_states": h.grad, **{name: params[name].grad for name in PARAMS}}
+    names = PARAMS + (("gate",) if "gate" in params else ())
+    return {"P": p, "hidden_states": h.grad, **{name: params[name].grad for name in names}}
 
 
 def check_parity(out, ref, tol, context):
@@ -218,12 +219,72 @@ def test_empty_instruction_pools_to_zero(backend, device):
     assert torch.equal(u0, torch.zeros(B, L, r, device=device))
 
 
+GATED_CASES = [  # B, S, d, r, L, mask kind, dtype
+    (3, 7, 80, 8, 4, "random", torch.float32),
+    (1, 129, 257, 48, 5, "left_padded", torch.float32),
+    (3, 7, 16, 8, 1, "empty_rows", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, S, d, r, L, kind, dtype", GATED_CASES)
+def test_gated_generator_parity_with_float64_reference(backend, device, B, S, d, r, L, kind, dtype):
+    """P = (G Wu^T + bu) * gate: outputs and every gradient, d gate included, against float64. The
+    gate is a random nonzero value, so every gradient is nonzero (at 0 only the gate's would be)."""
+    gen = _seed("gated", B, S, d, r, L, kind)
+    gate = float(torch.empty(()).uniform_(0.3, 1.5, generator=gen))
+    mask = make_mask(kind, B, S, gen)
+    fused, ref = make_generators(B, S, d, r, L, dtype, backend, gen, device, gate_init=gate)
+    assert sorted(fused.state_dict()) == sorted(PARAMS + ("gate",))
+    h = torch.randn(B, S, d, generator=gen).to(dtype)
+    h[~mask] = float("nan")
+    grad = (torch.rand(B, L, d, generator=gen) + 0.5).to(dtype)
+    out = run_generator(fused, h, mask, grad)
+    expect = run_generator(ref, h.double(), mask, grad.double())
+    assert set(out) == set(PARAMS) | {"P", "hidden_states", "gate"}
+    check_parity(out, expect, TOLERANCE[dtype], f"gated B={B} S={S} d={d} r={r} L={L} mask={kind}")
+    for name in PARAMS + ("gate",):
+        assert bool(out[name].ne(0).any()), f"{name}: zero gradient"
+    # the gate is one multiply after the ungated forward: exactly that product, in every dtype
+    with torch.no_grad():
+        ungated = iapt_kernels.PromptGenerator(d, r, num_tokens=L, backend=backend).to(device, dtype)
+        ungated.load_state_dict({k: v for k, v in fused.state_dict().items() if k != "gate"})
+        hd, md = h.to(device), mask.to(device)
+        assert torch.equal(fused(hd, md), ungated(hd, md) * fused.gate)
+
+
+def test_gate_at_zero_gives_zero_prompts_and_only_a_gate_gradient():
+    g = iapt_kernels.PromptGenerator(16, 8, num_tokens=3, gate_init=0.0)
+    h, mask = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    p = g(h, mask)
+    assert torch.equal(p, torch.zeros(2, 3, 16))
+    p.sum().backward()
+    assert g.gate.grad.abs() > 0 and all(float(g.get_parameter(n).grad.abs().max()) == 0 for n in PARAMS)
+
+
+def test_gate_constructor_and_repr():
+    for cls in (iapt_kernels.PromptGenerator, reference.PromptGenerator):
+        assert cls(16, 8).gate is None and "gate" not in cls(16, 8).state_dict()
+        for bad in (float("nan"), float("inf"), "0", True):
+            with pytest.raises(ValueError, match="gate_init"):
+                cls(16, 8, gate_init=bad)
+        g = cls(16, 8, gate_init=0.25)
+        assert g.gate.shape == () and float(g.gate) == 0.25 and "gated=True" in repr(g)
+    # the gate draws no random numbers: the other parameters are those of an ungated generator
+    torch.manual_seed(5)
+    a = iapt_kernels.PromptGenerator(16, 8)
+    torch.manual_seed(5)
+    b = iapt_kernels.PromptGenerator(16, 8, gate_init=0.0)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backward_is_bitwise_deterministic(backend, device):
+@pytest.mark.parametrize("gate_init", [None, 0.7])
+def test_backward_is_bitwise_deterministic(backend, device, gate_init):
     B, S, d, r, L = 3, 40, 80, 48, 4
     gen = _seed("det")
     mask = make_mask("random", B, S, gen)
-    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device)
+    fused, _ = make_generators(B, S, d, r, L, torch.float32, backend, gen, device, gate_init=gate_init)
     h = torch.randn(B, S, d, generator=gen)
     grad = torch.randn(B, L, d, generator=gen)
     first, second = run_generator(fused, h, mask, grad), run_generator(fused, h, mask, grad)

@@ -67,6 +67,8 @@ def wrap(model, seed: int = 1, **cfg):
             for name, p in g.named_parameters():
                 if name.endswith("up.weight"):
                     p.normal_(0.0, 0.5)
+            if g.gate is not None:  # the default gate starts at 0: every gradient but its own would be 0
+                g.gate.uniform_(0.5, 1.5)
     return w
 
 

@@ -59,11 +59,13 @@ def tenant_mix(kind: str, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     return ids.long()
 
 
-def make_generator(T: int, gen: torch.Generator, d: int = D) -> reference.MultiTenantPromptGenerator:
+def make_generator(
+    T: int, gen: torch.Generator, d: int = D, gated: bool = False
+) -> reference.MultiTenantPromptGenerator:
     """A float64 reference generator with every tenant different and far from its init (so a
-    gradient taken at the wrong tenant's weights shows)."""
+    gradient taken at the wrong tenant's weights shows); gated: each tenant's gate a random value."""
     torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-    ref = reference.MultiTenantPromptGenerator(T, d, R, L).double()
+    ref = reference.MultiTenantPromptGenerator(T, d, R, L, gate_init=1.0 if gated else None).double()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -100,7 +102,8 @@ def oracle(ref, h, mask, tenant_ids, grad):
         g = reference.rational(
             u, params["act.numerator"][t], params["act.denominator"][t], version=ref.version
         )
-        rows.append(F.linear(g, params["up.weight"][t], params["up.bias"][t])[0])
+        row = F.linear(g, params["up.weight"][t], params["up.bias"][t])[0]
+        rows.append(row if "gate" not in params else row * params["gate"][t])
     p = torch.stack(rows)
     if p.requires_grad:
         (p * grad.double()).sum().backward()
@@ -125,7 +128,9 @@ def run(module, h, mask, tenant_ids, grad, **kw):
 
 
 def fused(ref, backend, dtype, device="cpu"):
-    mod = iapt_kernels.MultiTenantPromptGenerator(ref.num_tenants, ref.hidden_size, R, L, backend=backend)
+    mod = iapt_kernels.MultiTenantPromptGenerator(
+        ref.num_tenants, ref.hidden_size, R, L, backend=backend, gate_init=None if ref.gate is None else 0.0
+    )
     mod.load_state_dict(ref.state_dict())
     return mod.to(device, dtype)
 
@@ -351,6 +356,69 @@ def test_from_generators_round_trip_and_state_dicts():
     ids = torch.tensor([2, 0, 1])
     want = torch.cat([gens[t](h[b : b + 1], mask[b : b + 1]) for b, t in enumerate(ids.tolist())])
     assert rel_err(mt(h, mask, ids), want) < 1e-6
+
+
+GATED = [("with_none", 7, 5), ("distinct", 5, 3), ("same", 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix, B, T", GATED)
+def test_gated_parity(dtype, backend, device, mix, B, T):
+    """gate (T,), each row times its tenant's gate after the kernel: P and every gradient, d gate
+    included, against each request alone through its tenant's float64 generator."""
+    gen = _seed("gated", mix, B, T)
+    ref = make_generator(T, gen, gated=True)  # random nonzero gates: every gradient is nonzero
+    h, mask = make_batch(B, gen, dtype)
+    ids = tenant_mix(mix, B, T, gen)
+    grad = torch.randn(B, L, D, generator=gen, dtype=torch.float64).abs()
+    want_p, want_h, want_w = oracle(ref, h, mask, ids, grad)
+    mod = fused(ref, backend, dtype, device)
+    p, gh, gw = run(mod, h, mask, ids, grad)
+    check(p, want_p, dtype, "P")
+    check(gh, want_h, dtype, "grad hidden_states")
+    assert set(gw) == set(PARAMS) | {"gate"}
+    for name in (*PARAMS, "gate"):
+        check(gw[name], want_w[name], dtype, f"grad {name}")
+    present = sorted(set(ids[ids >= 0].tolist()))
+    assert bool(gw["gate"][present].ne(0).all())
+    assert torch.equal(p[ids < 0], torch.zeros_like(p[ids < 0]))
+    # the gate is one multiply of the ungated module's rows, exactly (what a single generator does)
+    ungated = iapt_kernels.MultiTenantPromptGenerator(T, D, R, L, backend=backend).to(device, dtype)
+    ungated.load_state_dict({k: v for k, v in mod.state_dict().items() if k != "gate"})
+    with torch.no_grad():
+        hd, md, idd = h.to(device), mask.to(device), ids.to(device)
+        rows = ungated(hd, md, idd)
+        for b, t in enumerate(ids.tolist()):
+            if t >= 0:
+                assert torch.equal(mod(hd, md, idd)[b], rows[b] * mod.gate[t])
+    again = run(mod, h, mask, ids, grad)[2]
+    assert all(torch.equal(again[n], gw[n]) for n in gw)  # deterministic
+
+
+def test_gated_conversions():
+    torch.manual_seed(0)
+    gens = [iapt_kernels.PromptGenerator(D, R, L, gate_init=0.0) for _ in range(3)]
+    with torch.no_grad():
+        for t, g in enumerate(gens):
+            g.gate.fill_(0.5 + t)
+    mt = iapt_kernels.MultiTenantPromptGenerator.from_generators(gens)
+    assert mt.gate.shape == (3,) and mt.gate.tolist() == [0.5, 1.5, 2.5]
+    h, mask = make_batch(3, _seed("grt"), torch.float32)
+    ids = torch.tensor([2, 0, 1])
+    want = torch.cat([gens[t](h[b : b + 1], mask[b : b + 1]) for b, t in enumerate(ids.tolist())])
+    assert rel_err(mt(h, mask, ids), want) < 1e-6  # another kernel than the single tenant's
+    for t, g in enumerate(gens):
+        back = mt.generator(t)
+        assert back.gate is not None and back.state_dict().keys() == g.state_dict().keys()
+        assert all(torch.equal(v, back.state_dict()[k]) for k, v in g.state_dict().items())
+    with pytest.raises(ValueError, match="gated"):
+        iapt_kernels.MultiTenantPromptGenerator.from_generators(
+            [gens[0], iapt_kernels.PromptGenerator(D, R, L)]
+        )
+    fresh = reference.MultiTenantPromptGenerator(2, D, R, L, gate_init=0.0)
+    assert torch.equal(fresh.gate, torch.zeros(2)) and "gated=True" in repr(fresh)
+    assert iapt_kernels.MultiTenantPromptGenerator(2, D, R, L).gate is None
 
 
 def test_fresh_generator_gives_small_finite_prompts():
