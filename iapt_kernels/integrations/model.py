@@ -772,7 +772,7 @@ class IAPTModel(nn.Module):
                 "without slots before training (a gate at 0 over a zero up.bias trained far worse; "
                 "docs/design.md section 1). Warned once per model.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,  # forward, nn.Module's two call frames, the caller
             )
         self._position_ids(attention_mask, kwargs)
         self._state = state
