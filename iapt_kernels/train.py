@@ -88,7 +88,7 @@ def _parse(argv):
         "--bottleneck-size",
         type=int,
         default=None,
-        help=f"default {DEFAULTS['bottleneck']} for the tiny model, else 256",
+        help=f"default {DEFAULTS['bottleneck']} for the tiny model, else IAPTConfig's ({ik.IAPTConfig.bottleneck_size})",
     )
     p.add_argument("--num-tenants", type=int, default=1)
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
@@ -271,7 +271,7 @@ def main(argv=None) -> float | None:
             pairs = _load_jsonl(args.data, tok, args.max_length)
             log(f"{len(pairs)} examples from {args.data}")
             sample = lambda: pairs[rng.randrange(len(pairs))]  # noqa: E731
-        bottleneck = args.bottleneck_size or 256
+        bottleneck = args.bottleneck_size or ik.IAPTConfig.bottleneck_size
     model.to(device)
     torch.manual_seed(args.seed)  # same generator init on every rank
     cfg = ik.IAPTConfig(
@@ -287,6 +287,15 @@ def main(argv=None) -> float | None:
         f"trainable parameters: {n_train:,} (generators, {iapt.num_layers} layers) of {n_total:,} total "
         f"({100.0 * n_train / n_total:.2f}%); world size {world}, device {device}"
     )
+    # The package's start (docs/design.md section 1): the config's gate at 0, and up.bias at the mean
+    # hidden state of the first training batch, run through the backbone without slots. Before DDP,
+    # which then gives every rank rank 0's calibration.
+    first = [sample() for _ in range(args.batch_size)]
+    plain = [(e[0] + prefix + e[1])[: args.max_length] for e in first]
+    width = max(len(r) for r in plain)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in plain], device=device)
+    att = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in plain], device=device)
+    iapt.calibrate(ids, att, slot_token_id=slot_id)
     net = iapt
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -297,7 +306,7 @@ def main(argv=None) -> float | None:
     iapt.train()
     t0, running = time.time(), None
     for step in range(args.steps):
-        ex = [sample() for _ in range(args.batch_size)]
+        ex = first if step == 0 else [sample() for _ in range(args.batch_size)]
         batch = ik.insert_prompt_slots(
             [e[0] for e in ex],
             [e[1] for e in ex],

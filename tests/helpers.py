@@ -20,6 +20,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 
 
+def grad_rtol(name: str, rtol: float) -> float:
+    """The tolerance for the gradient of parameter ``name`` between two fp32 runs: ``rtol``, except for
+    a gate (``IAPTConfig.gate_init``), whose gradient is one scalar summing ``B * L * d`` products of
+    ``dL/dP`` and the ungated prompts that largely cancel, so a reordered fp32 sum moves it by far more
+    than its size suggests (measured 2.5e-4 between the fused and the reference backend on the tiny
+    models of test_integration.py). The float64 parity tests check the gate's gradient at ``rtol``."""
+    return max(rtol, 2e-3) if name.split(".")[-1] == "gate" else rtol
+
+
 def cpu_kernels(backend: str):
     """The context in which `iapt::` ops on CPU tensors run `backend`: ``"triton"``, the Triton
     launchers in the interpreter (`iapt_kernels.library.triton_on_cpu`, the test route); anything
