@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import rel_err
 
 import iapt_kernels as ik
 from iapt_kernels.integrations.vllm import IAPTPrompts, engine_args
@@ -129,6 +130,50 @@ def test_adapters_stack_exactly(tmp_path):
         for name, p in g.named_parameters():
             ref = src.get_parameter(name)
             assert torch.equal(p[0], ref[1]) and torch.equal(p[1], ref[0]) and torch.equal(p[2], ref[1])
+
+
+def test_gated_and_legacy_adapters_stack_exactly(tmp_path):
+    """A gated adapter beside one saved before the gate (no gate_init key, no gate tensors): the stack
+    is gated, the legacy tenant gets gate 1, and each row is its adapter's generator."""
+    import json
+
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    hf = types.SimpleNamespace(model_type="llama", hidden_size=32, num_hidden_layers=2)
+    nets = {}
+    for name, gate in (("old", None), ("new", 0.0)):
+        w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=2, bottleneck_size=8, gate_init=gate))
+        with torch.no_grad():
+            for g in w.generators:
+                g.up.weight.normal_()
+                if g.gate is not None:
+                    g.gate.fill_(0.75)
+        ik.save_iapt(w, tmp_path / name)
+        nets[name] = w
+        model = w.remove_hooks()
+    meta_file = tmp_path / "old" / "iapt_config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["iapt_config"]["gate_init"]
+    meta_file.write_text(json.dumps(meta))
+    tenants, cfg, _ = C.read_adapters(
+        {"adapters": {"a": str(tmp_path / "old"), "b": str(tmp_path / "new")}}, hf
+    )
+    gens = C.stacked_generators(tenants, cfg, 32, 2, "reference")
+    h = torch.randn(3, 5, 32)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    for l, g in enumerate(gens):
+        assert g.gate.tolist() == [1.0, 0.75]
+        out = g(h, mask, torch.tensor([0, 1, -1]))
+        with torch.no_grad():
+            assert rel_err(out[0], nets["old"].generators[l](h[:1], mask[:1])[0]) < 1e-6
+            assert rel_err(out[1], nets["new"].generators[l](h[1:2], mask[1:2])[0]) < 1e-6
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+    only_old = C.stacked_generators(tenants[:1], cfg, 32, 2, "reference")
+    assert all(g.gate is None for g in only_old)  # no gated tenant: the stack stays ungated
 
 
 def test_adapter_checks(tmp_path):
