@@ -259,7 +259,8 @@ def train_losses(backend, dtype, device, steps, batches, used=None):
         device=device, dtype=dtype
     )
     torch.manual_seed(1)
-    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, backend=backend))
+    # Ungated (gate_init=None), as before the gate: the kernels' parity from the first step on.
+    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, backend=backend, gate_init=None))
     w.to(device)  # the generators stay fp32
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -314,7 +315,9 @@ def run_generate(device, smoke, fused):
     model.generation_config.eos_token_id = None  # fixed length: compare token for token
     model.generation_config.pad_token_id = task.PAD
     torch.manual_seed(2)
-    w = ik.apply_iapt(model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, num_tenants=3, backend=fused))
+    w = ik.apply_iapt(  # ungated: the default gate at 0 would write zero prompts for every tenant
+        model, ik.IAPTConfig(num_tokens=4, bottleneck_size=32, num_tenants=3, backend=fused, gate_init=None)
+    )
     w.to(device)
     with torch.no_grad():  # nonzero up-projections so every tenant visibly changes the output
         for g in w.generators:
