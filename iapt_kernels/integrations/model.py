@@ -367,9 +367,9 @@ class IAPTModel(nn.Module):
                 )
             att = attention_mask.bool()
         L = self.iapt_config.num_tokens
-        slot = (
-            slot_token_id if slot_token_id is not None else getattr(self.model.config, "pad_token_id", None)
-        )
+        slot = slot_token_id
+        if slot is None:
+            slot = getattr(getattr(self.model, "config", None), "pad_token_id", None)
         if slot is not None and 1 < L <= input_ids.shape[1]:
             runs = ((input_ids == slot) & att).unfold(1, L, 1).all(-1).any(1)
             if bool(runs.any()):
@@ -396,6 +396,11 @@ class IAPTModel(nn.Module):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).hidden_states
         finally:
             self.model.train(was_training)
+        if hidden is None or len(hidden) < self.num_layers:
+            raise RuntimeError(
+                f"calibrate: {type(self.model).__name__} returned {0 if hidden is None else len(hidden)} "
+                f"hidden states for output_hidden_states=True, not the {self.num_layers} layer inputs it needs"
+            )
         means = [h[keep].mean(0) for h in hidden[: self.num_layers]]  # hidden_states[l] enters layer l
         if self.iapt_config.share_projections:
             means = [torch.stack(means).mean(0)] * self.num_layers
