@@ -269,7 +269,7 @@ def test_gate_constructor_and_repr():
             with pytest.raises(ValueError, match="gate_init"):
                 cls(16, 8, gate_init=bad)
         g = cls(16, 8, gate_init=0.25)
-        assert g.gate.shape == () and float(g.gate) == 0.25 and "gated=True" in repr(g)
+        assert g.gate.shape == (1,) and float(g.gate) == 0.25 and "gated=True" in repr(g)
     # the gate draws no random numbers: the other parameters are those of an ungated generator
     torch.manual_seed(5)
     a = iapt_kernels.PromptGenerator(16, 8)

@@ -38,7 +38,7 @@ class PromptGenerator(nn.Module):
 
     Parameters (``nn.Linear`` conventions): ``down.weight (r, d)``, ``down.bias (r)``,
     ``pool.weight (L, r)``, ``act.numerator (1, m+1)``, ``act.denominator (1, n)``,
-    ``up.weight (d, r)``, ``up.bias (d)``, and ``gate ()`` when gated. ``down`` and ``pool`` keep
+    ``up.weight (d, r)``, ``up.bias (d)``, and ``gate (1,)`` when gated. ``down`` and ``pool`` keep
     ``nn.Linear``'s default initialisation (pooling starts near a mean over the instruction), ``up``
     starts small (``N(0, 0.02^2)``, zero bias). Small prompts are not harmless on a pre-norm backbone
     (the next RMSNorm scales a slot to unit RMS); a gate at 0 makes them exactly 0 at the start while
@@ -123,7 +123,8 @@ class PromptGenerator(nn.Module):
 
 
 def _scalar(gate_init) -> torch.Tensor:
-    """The gate's initial value as a 0-d tensor; a bad value is an error, not a NaN gate."""
+    """The gate's initial value as a one-element ``(1,)`` tensor, not 0-d: FSDP2's ``fully_shard``
+    refuses scalar parameters. A bad value is an error, not a NaN gate."""
     if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not math.isfinite(gate_init):
         raise ValueError(f"gate_init must be a finite float or None, got {gate_init!r}")
-    return torch.tensor(float(gate_init))
+    return torch.tensor([float(gate_init)])

@@ -172,7 +172,7 @@ class MultiTenantPromptGenerator(nn.Module):
         )
         self.up = _Stacked(weight=stack(lambda g: g.up.weight), bias=stack(lambda g: g.up.bias))
         gated = first.gate is not None
-        self.register_parameter("gate", nn.Parameter(stack(lambda g: g.gate)) if gated else None)
+        self.register_parameter("gate", nn.Parameter(stack(lambda g: g.gate[0])) if gated else None)
 
     @staticmethod
     def _check_backend(backend: str) -> str:
