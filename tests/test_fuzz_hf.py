@@ -56,6 +56,8 @@ def model(num_tenants: int, num_tokens: int, backend: str = "auto"):
             for name, p in g.named_parameters():
                 if name.endswith("up.weight"):
                     p.normal_(0.0, 0.5)
+            if g.gate is not None:  # the default gate starts at 0: zero prompts would hide the writes
+                g.gate.uniform_(0.5, 1.5)
     return w.eval()
 
 

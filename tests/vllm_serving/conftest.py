@@ -72,6 +72,8 @@ def iapt_wrap(model, seed: int = 1):
             for name, p in g.named_parameters():
                 if name.endswith("up.weight"):
                     p.normal_(0.0, 0.5)
+            if g.gate is not None:  # the default gate starts at 0 (zero prompts): a served gate value
+                g.gate.uniform_(0.5, 1.5)
     return w
 
 

@@ -55,6 +55,8 @@ def smol(tmp_path_factory):
             for name, p in g.named_parameters():
                 if name.endswith("up.weight"):
                     p.normal_(0.0, 0.2)
+            if g.gate is not None:  # the default gate starts at 0 (zero prompts): a served gate value
+                g.gate.uniform_(0.5, 1.5)
     root = tmp_path_factory.mktemp("smol")
     adapters = {}
     for t, name in enumerate(NAMES):
