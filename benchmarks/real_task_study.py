@@ -83,9 +83,7 @@ def run_study(args, log=print) -> dict:
     extra = args.extra
     seeds, lrs = args.seeds, args.lrs
     jobs = concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs)
-    sweep = {
-        (m, lr): jobs.submit(_run, out, m, lr, seeds[0], extra, log) for m in args.methods for lr in lrs
-    }
+    sweep = {(m, lr): jobs.submit(_run, out, m, lr, seeds[0], extra, log) for m in args.methods for lr in lrs}
     chosen, table = {}, {}
     for m in args.methods:
         vals = {lr: sweep[(m, lr)].result() for lr in lrs}
@@ -101,11 +99,20 @@ def run_study(args, log=print) -> dict:
         if not (m in args.methods and s == seeds[0])
     }
     for m in [*args.methods, *args.ablations]:
-        recs = [sweep[(m, chosen[m])].result() if (m, s) not in runs else runs[(m, s)].result() for s in seeds]
+        recs = [
+            sweep[(m, chosen[m])].result() if (m, s) not in runs else runs[(m, s)].result() for s in seeds
+        ]
         table.setdefault(m, {}).update(lr=chosen[m], **_summary(recs))
     jobs.shutdown()
-    study = {"setup": {"seeds": seeds, "lrs": lrs, "extra": extra, "chosen_on": "final validation loss, first seed"},
-             "methods": table}
+    study = {
+        "setup": {
+            "seeds": seeds,
+            "lrs": lrs,
+            "extra": extra,
+            "chosen_on": "final validation loss, first seed",
+        },
+        "methods": table,
+    }
     (out / "study.json").write_text(json.dumps(study, indent=1))
     (out / "study.md").write_text(report(study))
     return study
@@ -140,7 +147,9 @@ def main(argv=None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(prog="python -m benchmarks.real_task_study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.real_task_study", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--methods", default="iapt,lora", help="methods whose rate is swept (default %(default)s)")
     p.add_argument("--ablations", default="iapt-gelu", help="methods run at IAPT's chosen rate ('' for none)")
     p.add_argument("--seeds", default="0,1,2")
