@@ -88,7 +88,8 @@ def build_model(cfg: E2EConfig):
 
 def iapt_params_per_tenant(cfg: E2EConfig) -> int:
     """Trainable parameters of one IAPT tenant: one generator per decoder layer."""
-    gen = reference.PromptGenerator(cfg.hidden_size, cfg.bottleneck_size, cfg.num_tokens)
+    # gated, as IAPTConfig builds them by default
+    gen = reference.PromptGenerator(cfg.hidden_size, cfg.bottleneck_size, cfg.num_tokens, gate_init=0.0)
     return cfg.num_layers * sum(p.numel() for p in gen.parameters())
 
 

@@ -102,6 +102,10 @@ from .real_task_data import (  # noqa: F401  (re-exported: the public names of t
 )
 from .real_task_report import _majority, _plot, _report, _write_atomic  # noqa: F401
 
+# The AdamW rates `python -m benchmarks.real_task_study` chose for each method on each data set's
+# validation split (seed 0; each from 3e-4, 1e-3, 3e-3, 1e-2; benchmarks/RESULTS.md, "Issue 20").
+# JSONL data (--train/--test) takes BBC's. Prompt tuning's 3e-2 was not swept.
+CHOSEN_LRS = {"bbc": {"iapt": 1e-3, "lora": 1e-3}, "rotten-tomatoes": {"iapt": 1e-3, "lora": 3e-4}}
 METHODS = ("iapt", "lora", "iapt-gelu", "prompt", "zero-shot")  # run in this order: the main pair first
 TRAINED = ("iapt", "iapt-gelu", "lora", "prompt")
 
@@ -126,6 +130,7 @@ class _Method:
                     bottleneck_size=args.bottleneck,
                     activation_init="gelu",
                     backend=args.backend,
+                    gate_init=0.0 if args.iapt_gate else None,
                 ),
             )
             if args.iapt_init in ("small", "mean"):
@@ -133,10 +138,9 @@ class _Method:
             if name == "iapt-gelu":
                 for g in self.net.generators:
                     g.act = torch.nn.GELU()
-            if args.iapt_init == "mean":
-                _mean_hidden_init(self.net, calibration, pad_id)
-            if args.iapt_gate:
-                _gate(self.net)
+            if args.iapt_init == "mean" and calibration:
+                b = _pad([r[0] + r[3] for r in calibration], [r[1] for r in calibration], pad_id, "right")
+                self.net.calibrate(b["input_ids"], b["attention_mask"])
         elif name == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -228,37 +232,6 @@ def _small_init(net, seed: int) -> None:
         g.up.reset_parameters()
         torch.nn.init.normal_(g.up.weight, std=0.02)
         torch.nn.init.zeros_(g.up.bias)
-
-
-def _gate(net) -> None:
-    """An experiment (issue 20): each layer's prompts times a learned scalar that starts at 0, so
-    training starts at the frozen model (zero prompts) but ``up`` keeps its random, full-rank start.
-    Tool-only: the package's generators and saved format have no gate."""
-    for g in net.generators:
-        g.gate = torch.nn.Parameter(torch.zeros(()))
-        g.register_forward_hook(lambda m, args, out: out * m.gate)
-
-
-@torch.no_grad()
-def _mean_hidden_init(net, rows, pad_id: int) -> None:
-    """Start every generator's prompts at the mean hidden state entering its layer (over the attended
-    tokens of ``rows``), instead of near zero: a slot then starts as an average token, not as a near-zero
-    vector that the next RMSNorm blows up into an arbitrary direction. On SmolLM2 and 8 BBC examples the
-    loss at step 0 was 18.5 with the package's initialisation, 10.7 with this one (the frozen model
-    without slots: 7.4), measured with the label right after the slots, before the cue moved there."""
-    if not rows:
-        return
-    b = _pad([r[0] + r[3] for r in rows], [r[1] for r in rows], pad_id, "right")
-    out = net.model(
-        input_ids=b["input_ids"],
-        attention_mask=b["attention_mask"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
-    att = b["attention_mask"].bool()
-    att[:, 0] = False  # the first token is the attention sink, with outsized activations: leave it out
-    for g, h in zip(net.generators, out.hidden_states):  # hidden_states[l] enters layer l
-        g.up.bias.copy_(h[att].mean(0).to(g.up.bias.dtype))
 
 
 def _pad(ins, resp, pad_id: int, side: str) -> dict:
@@ -563,12 +536,16 @@ def _parse(argv):
         "--iapt-init",
         choices=["package", "small", "mean"],
         default="mean",
-        help="package: the package's own initialisation; small: up ~ N(0, 0.02^2), zero bias (the "
-        "package's before issue 20: prompts start near 0, not at 0); mean: small, then each "
-        "generator's up.bias at the mean hidden state entering its layer (prompts start as an "
-        "average token)",
+        help="package: apply_iapt's draws, no calibration; small: up ~ N(0, 0.02^2), zero bias, drawn "
+        "again from the seed (the same draws today); mean (default, the recipe): small, then "
+        "IAPTModel.calibrate on the first training batch (each up.bias at the mean hidden state "
+        "entering its layer: prompts start as an average token)",
     )
-    tr.add_argument("--lr-iapt", type=float, default=3e-3)
+    tr.add_argument(
+        "--lr-iapt",
+        type=float,
+        help="IAPT's AdamW rate (default: the rate the study chose for the data set, CHOSEN_LRS)",
+    )
     tr.add_argument(
         "--lr-up-ratio",
         type=float,
@@ -577,11 +554,15 @@ def _parse(argv):
     )
     tr.add_argument(
         "--iapt-gate",
-        action="store_true",
-        help="experiment: each layer's prompts times a learned scalar gate that starts at 0",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each layer's prompts times a learned gate that starts at 0 (IAPTConfig.gate_init=0.0, the "
+        "package default; --no-iapt-gate: the ungated generators of before issue 20)",
     )
     tr.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps, every method")
-    tr.add_argument("--lr-lora", type=float, default=2e-3)
+    tr.add_argument(
+        "--lr-lora", type=float, help="LoRA's AdamW rate (default: the study's choice, CHOSEN_LRS)"
+    )
     tr.add_argument("--lr-prompt", type=float, default=3e-2)
     tr.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"])
     tr.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
@@ -644,6 +625,9 @@ def _parse(argv):
     if args.train and args.dataset:
         p.error("--dataset and --train/--test exclude each other")
     args.dataset = args.dataset or "bbc"
+    chosen = CHOSEN_LRS[args.dataset if not args.train else "bbc"]
+    args.lr_iapt = chosen["iapt"] if args.lr_iapt is None else args.lr_iapt
+    args.lr_lora = chosen["lora"] if args.lr_lora is None else args.lr_lora
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -703,7 +687,7 @@ def run_comparison(args, log=print) -> dict:
     labels = _label_set(train, where_train)
     if not test:
         raise RealTaskError("the test set is empty")
-    sizes = matched_sizes(backbone, args.bottleneck, args.num_tokens, args.prompt_tokens)
+    sizes = matched_sizes(backbone, args.bottleneck, args.num_tokens, args.prompt_tokens, gate=args.iapt_gate)
     cfg = (
         backbone.config.get_text_config() if hasattr(backbone.config, "get_text_config") else backbone.config
     )

@@ -378,11 +378,18 @@ def encode(examples: list[Example], tok, context: int, extra: int, where: str, a
 
 # ----------------------------------------------------------------------------- methods
 def iapt_params(
-    hidden: int, layers: int, r: int, num_tokens: int = 4, degrees=(5, 4), fixed_act: bool = False
+    hidden: int,
+    layers: int,
+    r: int,
+    num_tokens: int = 4,
+    degrees=(5, 4),
+    fixed_act: bool = False,
+    gate: bool = True,
 ) -> int:
-    """Trainable parameters of IAPT: per layer down (d*r + r), pool (L*r), activation (m+1+n), up (r*d + d)."""
+    """Trainable parameters of IAPT: per layer down (d*r + r), pool (L*r), activation (m+1+n), up (r*d + d)
+    and the gate (1; ``IAPTConfig.gate_init`` not None, the default)."""
     act = 0 if fixed_act else degrees[0] + 1 + degrees[1]
-    return layers * (hidden * r + r + num_tokens * r + act + r * hidden + hidden)
+    return layers * (hidden * r + r + num_tokens * r + act + r * hidden + hidden + int(gate))
 
 
 def _lora_per_rank(model, targets) -> int:
@@ -394,13 +401,18 @@ def _lora_per_rank(model, targets) -> int:
 
 
 def matched_sizes(
-    model, r: int, num_tokens: int = 4, prompt_tokens: int = 32, lora_targets=("q_proj", "v_proj")
+    model,
+    r: int,
+    num_tokens: int = 4,
+    prompt_tokens: int = 32,
+    lora_targets=("q_proj", "v_proj"),
+    gate: bool = True,
 ) -> dict:
     """IAPT's parameter count at bottleneck ``r``, the LoRA rank that matches it best, and the prompt
     tuning length (passed through: prompt tuning cannot be matched, see the module docstring)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     d, n_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
-    n_iapt = iapt_params(d, n_layers, r, num_tokens)
+    n_iapt = iapt_params(d, n_layers, r, num_tokens, gate=gate)
     per_rank = _lora_per_rank(model, lora_targets)
     if per_rank == 0:
         raise RealTaskError(f"the model has no Linear layers named {list(lora_targets)} for LoRA")

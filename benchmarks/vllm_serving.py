@@ -52,7 +52,7 @@ def lora_params(cfg, rank: int) -> int:
 
 def iapt_params(cfg, r: int, L: int = 4, degrees=(5, 4)) -> int:
     d = cfg.hidden_size
-    return cfg.num_hidden_layers * (r * d + r + L * r + sum(degrees) + 1 + d * r + d)
+    return cfg.num_hidden_layers * (r * d + r + L * r + sum(degrees) + 1 + d * r + d + 1)  # + the gate
 
 
 def make_adapters(model_dir, root, rank, n):

@@ -238,6 +238,7 @@ def test_lora_rank_matches_iapt_parameters():
     assert abs(lora_n - iapt_n) <= per_rank / 2 + 1  # the closest rank
     gen_params = cfg.hidden_size * cfg.bottleneck_size * 2 + cfg.bottleneck_size + cfg.hidden_size
     gen_params += cfg.num_tokens * cfg.bottleneck_size + 10  # pool weight, rational (5, 4) coefficients
+    gen_params += 1  # the gate (IAPTConfig's default gate_init=0.0)
     assert iapt_n == cfg.num_layers * gen_params
 
 

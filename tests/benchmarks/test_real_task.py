@@ -232,8 +232,9 @@ def test_serving_only_on_the_backbone(tmp_path, tiny_dir):
     assert "| iapt | 2 |" in (out / "results.md").read_text()
 
 
-def test_the_gate_experiment_starts_at_the_frozen_model_and_trains_every_part():
-    """``--iapt-gate`` (issue 20): each layer's prompts times a scalar that starts at 0. The slots then
+def test_the_gated_start_is_at_the_frozen_model_and_trains_every_part():
+    """The gate (issue 20, ``IAPTConfig.gate_init=0.0``, the tool's ``--iapt-gate``): each layer's
+    prompts times a scalar that starts at 0. The slots then
     have zero keys and values in every layer (they change no real token's output but for a softmax
     weight of exp(0)); at the first step only the gates have a gradient; after two AdamW steps every
     generator parameter has moved (``up`` keeps its random start, unlike a zero ``up``)."""
@@ -246,7 +247,6 @@ def test_the_gate_experiment_starts_at_the_frozen_model_and_trains_every_part():
         tiny_llama(VOCAB, seed=0, initializer_range=0.02),
         ik.IAPTConfig(num_tokens=4, bottleneck_size=8, backend="reference"),
     )
-    rt._gate(w)
     b = fixed_batches()[0]
     seen = []
     hooks = [
